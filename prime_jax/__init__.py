@@ -1,0 +1,1 @@
+"""prime_jax: MDM-Prime (masked diffusion with partial masking) in JAX and Flax NNX."""
