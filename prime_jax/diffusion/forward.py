@@ -19,10 +19,17 @@ def sample_times(key: jax.Array, batch: int, *, eps: float = 1e-3,
   [eps + (1-eps) i/B, eps + (1-eps)(i+1)/B), in order (s_i = (u_i + i)/B).
   """
   u_B = jax.random.uniform(key, (batch,))
-  if antithetic:
-    u_B = (u_B + jnp.arange(batch)) / batch
-  return (1.0 - eps) * u_B + eps
-
+  if not antithetic:
+    return (1.0 - eps) * u_B + eps
+  i_B = jnp.arange(batch, dtype=u_B.dtype)
+  t_B = eps + (1.0 - eps) * (u_B + i_B) / batch
+  # Rounding can push t onto a stratum edge: keep every t one float step inside its own stratum
+  # (edges are themselves rounded, hence the step on both sides). The bias is ~1e-7 of a stratum.
+  lo_B = eps + (1.0 - eps) * i_B / batch
+  hi_B = eps + (1.0 - eps) * (i_B + 1.0) / batch
+  lo_B = jnp.nextafter(lo_B, jnp.inf)
+  hi_B = jnp.nextafter(jnp.nextafter(hi_B, 0.0), 0.0)
+  return jnp.clip(t_B, lo_B, hi_B)
 
 def _expand(t, ndim: int):
   t = jnp.asarray(t)

@@ -102,7 +102,7 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
            num_steps: int, schedule='linear', carry_over: bool = True, nucleus_p: float = 1.0,
            precision: str = 'fp64', cache: bool = True,
            condition: Optional[tuple[jax.Array, jax.Array]] = None, t_min: float = 1e-5,
-           final: str = 'auto', params: Any = None) -> SampleOutput:
+           final: str = 'auto', params: Any = None, decode: bool = True) -> SampleOutput:
   """Draws token grids of `shape` = (B, *S) with the Prime ancestral sampler.
 
   Args:
@@ -122,6 +122,8 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
     t_min: last grid time; 0 reveals every remaining sub-token in the last step.
     final: noise removal for sub-tokens still masked at t_min: 'sample', 'argmax' (MDLM's), or
       'auto' (argmax when K == 1 as in MDLM, sample when K > 1 as in the Prime reference).
+    params: optional pytree passed to logits_fn.
+    decode: False returns the sub-tokens (B, *S, K) in `tokens` instead of decoded ids.
 
   Runs as one compiled program (it jits itself; calling it inside a jit works too, except for fp64
   without jax_enable_x64, which needs its own x64 scope and so must be called outside jit).
@@ -141,7 +143,7 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
   static = dict(logits_fn=logits_fn, codec=codec, shape=shape,
                 reveal_q=tuple(np.clip(reveal_q, 0.0, 1.0).tolist()),
                 carry_over=bool(carry_over), nucleus_p=float(nucleus_p), precision=precision,
-                cache=bool(cache), final=final, with_params=params is not None)
+                cache=bool(cache), final=final, with_params=params is not None, decode=bool(decode))
   if condition is None:
     cond_tokens = jnp.zeros(shape, jnp.int32)
     cond_keep = jnp.zeros(shape, bool)
@@ -165,9 +167,9 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
 
 @functools.partial(jax.jit, static_argnames=(
     'logits_fn', 'codec', 'shape', 'reveal_q', 'carry_over', 'nucleus_p', 'precision',
-    'cache', 'final', 'with_params'))
+    'cache', 'final', 'with_params', 'decode'))
 def _sample_jit(key, cond_tokens, cond_keep, params, *, logits_fn, codec, shape, reveal_q,
-                carry_over, nucleus_p, precision, cache, final, with_params) -> SampleOutput:
+                carry_over, nucleus_p, precision, cache, final, with_params, decode) -> SampleOutput:
   mask_id = codec.mask_id
   dtype = jnp.float64 if precision == 'fp64' else jnp.float32
   num_steps = len(reveal_q)
@@ -221,7 +223,7 @@ def _sample_jit(key, cond_tokens, cond_keep, params, *, logits_fn, codec, shape,
   else:
     y = finish(y)
     nfe = nfe + 1
-  return SampleOutput(codec.decode(y), nfe, idle)
+  return SampleOutput(codec.decode(y) if decode else y, nfe, idle)
 
 
 def expected_idle_fraction(num_units: int, num_steps: int, t_min: float = 1e-5) -> float:

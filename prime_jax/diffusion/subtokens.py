@@ -154,7 +154,7 @@ class Codec:
       raise ValueError(f'Token ids must be integers, got dtype {x.dtype}.')
     bad = (x < 0) | (x >= self.vocab_size)
     if bad.any():
-      idx = tuple(int(i[0]) for i in np.nonzero(bad))
+      idx = tuple(int(i) for i in np.argwhere(bad)[0])
       raise ValueError(
           f'{int(bad.sum())} token id(s) outside [0, {self.vocab_size}), e.g. {int(x[idx])} at index '
           f'{idx}. The tokenizer and the codec disagree on the vocabulary size: set vocab_size to the '
