@@ -1,0 +1,31 @@
+# prime_jax: two commands.
+#   make run   set up, fetch the offline assets, train + evaluate the embedded default (configs/sotu.py)
+#   make test  set up, fetch the offline assets, run the whole test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup assets clean-venv
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+assets: setup
+	@if [ -f prime_jax/data/assets.py ]; then $(PY) -m prime_jax.data.assets fetch; fi
+
+run: assets
+	$(PY) -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu --mode train
+
+# pytest exits 5 when it collected nothing: that must fail, not pass silently.
+test: assets
+	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+clean-venv:
+	rm -rf $(VENV)

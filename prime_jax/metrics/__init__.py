@@ -1,0 +1,1 @@
+"""Metric writers and sample metrics."""

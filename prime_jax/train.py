@@ -1,0 +1,352 @@
+"""Training: TrainState, initialisation on a mesh, the pure train step, and train_and_evaluate.
+
+Dimension key: B global batch, L tokens per sequence, K sub-tokens per token, C token classes.
+
+Randomness is a function of (seed, step): the step is folded into the key inside the jitted step, so
+resuming needs no saved RNG and results do not depend on how the batch is sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from prime_jax import checkpoint as checkpoint_lib
+from prime_jax import sharding as sharding_lib
+from prime_jax.diffusion import forward, objectives, parameterization, schedules, subtokens
+from prime_jax.metrics import writer as writer_lib
+from prime_jax.models import dit
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Everything the pure step functions need besides arrays (hashable, static under jit)."""
+  codec: subtokens.Codec
+  schedule: schedules.Schedule
+  carry_over: bool
+  objective: str
+  sampling_eps: float
+  antithetic: bool
+
+
+# -- building blocks from the config ----------------------------------------------------------------
+
+
+def build_codec(cfg: ml_collections.ConfigDict) -> subtokens.Codec:
+  d = cfg.diffusion
+  return subtokens.Codec(d.vocab_size, d.ell,
+                         shuffle_seed=None if d.shuffle_seed < 0 else d.shuffle_seed)
+
+
+def build_task(cfg: ml_collections.ConfigDict) -> Task:
+  d = cfg.diffusion
+  if d.objective not in ('nelbo', 'paper'):
+    raise ValueError(f"diffusion.objective must be 'nelbo' or 'paper', got {d.objective!r}.")
+  kw = {'eps': d.schedule_eps} if d.schedule == 'loglinear' else {}
+  return Task(codec=build_codec(cfg), schedule=schedules.get(d.schedule, **kw),
+              carry_over=bool(d.carry_over), objective=d.objective,
+              sampling_eps=float(d.sampling_eps), antithetic=bool(d.antithetic))
+
+
+def build_model(cfg: ml_collections.ConfigDict, codec: subtokens.Codec, rngs: nnx.Rngs) -> dit.DiT:
+  m = cfg.model
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[m.dtype]
+  return dit.DiT(vocab_size=codec.vocab_size, base=codec.base, ell=codec.ell, dim=m.dim,
+                 num_heads=m.num_heads, num_layers=m.num_layers, cond_dim=m.cond_dim,
+                 mlp_ratio=m.mlp_ratio, dropout=m.dropout, time_conditioning=m.time_conditioning,
+                 scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs)
+
+
+def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):
+  """AdamW with warm-up then constant or cosine, gradient clipping. Returns (tx, lr schedule)."""
+  warmup = max(int(o.warmup_steps), 0)
+  if o.schedule == 'constant':
+    lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(warmup, 1)),
+                               optax.constant_schedule(o.lr)], [max(warmup, 1)])
+  elif o.schedule == 'cosine':
+    lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(warmup, 1), max(num_steps, warmup + 1),
+                                            end_value=o.lr * o.final_lr_frac)
+  else:
+    raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}.")
+  chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+  return optax.chain(*chain), lr
+
+
+def ema_decay(step, decay: float):
+  """The reference EMA warm-up: min(decay, (1 + n) / (10 + n))."""
+  n = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+# -- the pure step functions -------------------------------------------------------------------------
+
+
+def diffusion_losses(params, graphdef, x0_BxL, key, task: Task, *, train: bool):
+  """Draws t and y_t, runs the model; returns (training loss, metrics dict of token means)."""
+  k_t, k_mask, k_drop = jax.random.split(key, 3)
+  codec = task.codec
+  B = x0_BxL.shape[0]
+  t_B = forward.sample_times(k_t, B, eps=task.sampling_eps, antithetic=task.antithetic)
+  y_t = forward.mask(k_mask, codec.encode(x0_BxL), t_B, schedule=task.schedule,
+                     mask_id=codec.mask_id)
+  model = nnx.merge(graphdef, params)
+  logits_BxLxC = model(y_t, deterministic=not train, rngs=nnx.Rngs(dropout=k_drop))
+  log_p = parameterization.log_probs(logits_BxLxC, y_t, codec, carry_over=task.carry_over)
+  paper = objectives.token_mean(objectives.paper_loss(log_p, x0_BxL, t_B, schedule=task.schedule))
+  if task.objective == 'paper' and train:
+    return paper, {'paper': paper}
+  nelbo = objectives.token_mean(
+      objectives.nelbo(log_p, x0_BxL, y_t, t_B, codec, schedule=task.schedule))
+  loss = nelbo if task.objective == 'nelbo' else paper
+  return loss, {'nelbo': nelbo, 'paper': paper}
+
+
+def train_step(state: TrainState, batch, *, graphdef, task: Task, tx, ema_decay_max: float,
+               seed: int):
+  key = jax.random.fold_in(jax.random.key(seed), state.step)
+  grad_fn = jax.value_and_grad(diffusion_losses, has_aux=True)
+  (loss, aux), grads = grad_fn(state.params, graphdef, batch['tokens'], key, task, train=True)
+  updates, new_opt = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  d = ema_decay(state.step, ema_decay_max)
+  new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, new_params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite step leaves the state untouched; the host stops the run on the flag, so every
+  # checkpoint holds finite parameters.
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                         opt_state=keep(new_opt, state.opt_state), ema=keep(new_ema, state.ema))
+  metrics = dict(aux, loss=loss, grad_norm=grad_norm, finite=finite)
+  return new_state, metrics
+
+
+def eval_step(params, batch, key, *, graphdef, task: Task):
+  _, metrics = diffusion_losses(params, graphdef, batch['tokens'], key, task, train=False)
+  return metrics
+
+
+# -- initialisation on a mesh ------------------------------------------------------------------------
+
+
+def abstract_model(cfg, codec):
+  """(graphdef, abstract params, logical PartitionSpecs) without allocating anything."""
+  abstract = nnx.eval_shape(lambda: build_model(cfg, codec, nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  logical = nnx.get_partition_spec(params)
+  return graphdef, params, logical
+
+
+def state_shardings(cfg, codec, tx, mesh):
+  """(graphdef, abstract TrainState with shardings, TrainState of NamedShardings)."""
+  graphdef, abs_params, logical = abstract_model(cfg, codec)
+  param_sh = sharding_lib.shardings_for(logical, abs_params, mesh)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  # Optimizer moments follow the parameters they belong to; scalars (counts) are replicated.
+  shapes = {tuple(x.shape): s for x, s in zip(jax.tree.leaves(abs_params),
+                                               jax.tree.leaves(param_sh))}
+
+  def opt_sharding(x):
+    return shapes.get(tuple(x.shape), sharding_lib.replicated(mesh)) if x.ndim else \
+        sharding_lib.replicated(mesh)
+  opt_sh = jax.tree.map(opt_sharding, abs_opt)
+  sh = TrainState(step=sharding_lib.replicated(mesh), params=param_sh, opt_state=opt_sh,
+                  ema=param_sh)
+  abs_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
+                         opt_state=abs_opt, ema=abs_params)
+  abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           abs_state, sh)
+  return graphdef, abs_state, sh
+
+
+def init_state(cfg, codec, tx, mesh, shardings):
+  def init():
+    model = build_model(cfg, codec, nnx.Rngs(params=cfg.seed))
+    params = nnx.state(model, nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=params)
+  del mesh  # the NamedShardings carry it
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def count_params(abs_params) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params)))
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+PEAK_FLOPS = {  # dense bf16 per device (fp32 for CPU), for the MFU estimate
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
+}
+
+
+def peak_flops_per_device(cfg) -> float:
+  if cfg.train.peak_flops > 0:
+    return float(cfg.train.peak_flops)
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  import os
+  return 45e9 * (os.cpu_count() or 1) / max(jax.local_device_count(), 1)  # CPU fp32 estimate
+
+
+def train_flops_per_token(cfg, codec, n_params_non_embedding: int) -> float:
+  """6 N (forward + backward matmuls, head included) + bidirectional attention counted fully:
+  per layer 2 * 2 * L * D for QK^T and AV forward, times 3 for the backward pass."""
+  m = cfg.model
+  return 6.0 * n_params_non_embedding + 12.0 * m.num_layers * m.dim * cfg.data.seq_len
+
+
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Trainer:
+  """Owns the mesh, the compiled steps and the data; `train_and_evaluate` drives it."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, devices=None):
+    self.cfg, self.workdir = cfg, workdir
+    sharding_lib.maybe_initialize_distributed()
+    self.mesh = sharding_lib.make_mesh(dict(cfg.mesh), devices)
+    sharding_lib.check_batch(cfg.data.batch_size, self.mesh)
+    self.eval_batch = cfg.eval.batch_size or cfg.data.batch_size
+    sharding_lib.check_batch(self.eval_batch, self.mesh)
+    self.task = build_task(cfg)
+    self.codec = self.task.codec
+    self.tx, self.lr = make_optimizer(cfg.optim, cfg.train.num_steps)
+    self.graphdef, self.abs_state, self.shardings = state_shardings(cfg, self.codec, self.tx,
+                                                                    self.mesh)
+    batch_sh = {'tokens': sharding_lib.batch_sharding(self.mesh)}
+    self.train_step = jax.jit(
+        functools.partial(train_step, graphdef=self.graphdef, task=self.task, tx=self.tx,
+                          ema_decay_max=cfg.optim.ema_decay, seed=cfg.seed),
+        in_shardings=(self.shardings, batch_sh), out_shardings=(self.shardings, None),
+        donate_argnums=0)
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, graphdef=self.graphdef, task=self.task),
+        in_shardings=(self.shardings.params, batch_sh, None))
+    self.n_params = count_params(self.abs_state.params)
+    emb = sum(math.prod(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
+        self.abs_state.params) if 'embed' in jax.tree_util.keystr(p).lower()
+        and 'table' in jax.tree_util.keystr(p).lower())
+    self.flops_per_token = train_flops_per_token(cfg, self.codec, self.n_params - emb)
+
+  def data_iterator(self, split: str, *, train: bool, batch: int):
+    from prime_jax.data import pipeline  # not needed by --mode bench
+    d = self.cfg.data
+    return pipeline.make_text_pipeline(
+        d.source, split, seq_len=d.seq_len, batch_size=batch // jax.process_count(),
+        seed=self.cfg.seed, train=train, worker_count=d.worker_count, data_dir=d.data_dir or None)
+
+  def global_batch(self, local):
+    self.codec.check(local['tokens'])
+    return sharding_lib.global_batch({'tokens': np.asarray(local['tokens'], np.int32)}, self.mesh)
+
+  def evaluate(self, params) -> dict[str, float]:
+    """Valid bound (nelbo) and the authors' objective, token means over the validation split."""
+    cfg = self.cfg
+    it = self.data_iterator(cfg.eval.split, train=False, batch=self.eval_batch)
+    sums, n = {}, 0
+    for i, local in enumerate(it):
+      if cfg.eval.num_batches and i >= cfg.eval.num_batches:
+        break
+      key = jax.random.fold_in(jax.random.key(cfg.eval.seed), i)
+      m = self.eval_step(params, self.global_batch(local), key)
+      for k in ('nelbo', 'paper'):
+        sums[k] = sums.get(k, 0.0) + float(m[k])
+      n += 1
+    if n == 0:
+      raise ValueError(f'The {cfg.eval.split} split has no full batch of {self.eval_batch} '
+                       f'sequences of length {cfg.data.seq_len}: lower eval.batch_size.')
+    nll = sums['nelbo'] / n
+    return {'nll': nll, 'bpt': float(objectives.nats_to_bits(nll)), 'ppl_bound': math.exp(nll),
+            'paper_objective': sums['paper'] / n, 'batches': n}
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                       devices=None) -> dict[str, float]:
+  """Trains (resuming from WORKDIR when it holds a checkpoint), evaluates, returns the summary."""
+  tr = Trainer(cfg, workdir, devices)
+  writer = writer_lib.MetricWriter(workdir)
+  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=cfg.train.keep_ckpts)
+  checkpoint_lib.write_json(f'{workdir}/config.json', cfg.to_dict())
+  train_iter = tr.data_iterator('train', train=True, batch=cfg.data.batch_size)
+  meta = {'config_summary': dict(vocab_size=cfg.diffusion.vocab_size, ell=cfg.diffusion.ell,
+                                 dim=cfg.model.dim, layers=cfg.model.num_layers)}
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(tr.abs_state, data_iterator=train_iter)
+    writer.print(f'Resumed from step {int(state.step)} in {ckpt.directory}')
+  else:
+    state = init_state(cfg, tr.codec, tr.tx, tr.mesh, tr.shardings)
+  writer.print(f'MDM-Prime: C={tr.codec.vocab_size} ell={tr.codec.ell} base={tr.codec.base} '
+               f'params={tr.n_params:,} objective={cfg.diffusion.objective} '
+               f'carry_over={cfg.diffusion.carry_over} mesh={dict(tr.mesh.shape)} '
+               f'devices={jax.device_count()} ({jax.devices()[0].device_kind})')
+  peak = peak_flops_per_device(cfg) * jax.device_count()
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  start_step = int(state.step)
+  t_last, step_last = time.time(), start_step
+  t_start = t_last
+  last_eval = {}
+  for step in range(start_step, cfg.train.num_steps):
+    state, metrics = tr.train_step(state, tr.global_batch(next(train_iter)))
+    done = step + 1
+    if done % cfg.train.log_every == 0 or done == cfg.train.num_steps:
+      m = jax.device_get(metrics)
+      if not bool(m['finite']):
+        ckpt.close()
+        raise FloatingPointError(
+            f'Non-finite loss or gradient at step {done} (loss={float(m["loss"])}, '
+            f'grad_norm={float(m["grad_norm"])}). The update was not applied; the last good '
+            f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or '
+            'check the data.')
+      now = time.time()
+      sps = (done - step_last) / max(now - t_last, 1e-9)
+      row = {k: float(v) for k, v in m.items() if k != 'finite'}
+      row.update(lr=float(tr.lr(done)), steps_per_sec=sps, tokens_per_sec=sps * tokens_per_step,
+                 mfu=sps * tokens_per_step * tr.flops_per_token / peak)
+      writer.write(done, row, prefix='train/')
+      eta = (cfg.train.num_steps - done) / max(sps, 1e-9)
+      writer.print(f'step {done:>7d}/{cfg.train.num_steps} loss {row["loss"]:.4f} '
+                   f'lr {row["lr"]:.2e} {sps:.2f} steps/s {row["tokens_per_sec"]:,.0f} tok/s '
+                   f'mfu {100 * row["mfu"]:.1f}% eta {_fmt_eta(eta)}')
+      t_last, step_last = now, done
+    if done % cfg.train.eval_every == 0 or done == cfg.train.num_steps:
+      params = state.ema if cfg.eval.use_ema else state.params
+      last_eval = tr.evaluate(params)
+      writer.write(done, last_eval, prefix='eval/')
+      writer.print(f'eval step {done}: NLL {last_eval["nll"]:.4f} nats/token, '
+                   f'PPL <= {last_eval["ppl_bound"]:.2f} (valid bound); authors\' objective '
+                   f'{last_eval["paper_objective"]:.4f}')
+    if done % cfg.train.ckpt_every == 0 or done == cfg.train.num_steps:
+      if not bool(jax.device_get(metrics['finite'])):
+        raise FloatingPointError(f'Non-finite loss at step {done}; not checkpointing.')
+      ckpt.save(done, state, train_iter, meta=meta)
+  ckpt.close()
+  writer.close()
+  summary = dict(last_eval, steps=int(state.step), params=tr.n_params,
+                 wall_s=time.time() - t_start)
+  return summary

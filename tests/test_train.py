@@ -1,0 +1,157 @@
+"""End-to-end training: sharded step == single device, real SOTU steps, kill + resume, re-meshing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import sotu
+from prime_jax import checkpoint as checkpoint_lib
+from prime_jax import train as train_lib
+from prime_jax.metrics import writer as writer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  cfg = sotu.get_config('ell=2')
+  cfg.model.dim, cfg.model.num_heads, cfg.model.num_layers = 32, 2, 2
+  cfg.model.dropout = 0.1
+  cfg.data.seq_len, cfg.data.batch_size = 32, 8
+  cfg.eval.batch_size, cfg.eval.num_batches = 8, 2
+  cfg.train.num_steps, cfg.train.log_every, cfg.train.eval_every = 6, 1, 6
+  cfg.train.ckpt_every = 3
+  cfg.optim.warmup_steps = 2
+  cfg.mesh.data = -1
+  for k, v in overrides.items():
+    node = cfg
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return cfg
+
+
+def _step_once(cfg, devices, batch_np):
+  tr = train_lib.Trainer(cfg, '', devices=devices)
+  state = train_lib.init_state(cfg, tr.codec, tr.tx, tr.mesh, tr.shardings)
+  state, m = tr.train_step(state, tr.global_batch({'tokens': batch_np}))
+  state, m = tr.train_step(state, tr.global_batch({'tokens': batch_np[::-1].copy()}))
+  return jax.device_get(state.params), jax.device_get(m)
+
+
+def test_sharded_step_matches_single_device():
+  assert jax.device_count() == 8
+  batch = np.random.default_rng(0).integers(0, 50257, size=(8, 32)).astype(np.int32)
+  one_p, one_m = _step_once(tiny_config(), jax.devices()[:1], batch)
+  cfg8 = tiny_config(**{'mesh.data': 4, 'mesh.fsdp': 2})
+  tr8 = train_lib.Trainer(cfg8, '')
+  assert dict(tr8.mesh.shape) == {'data': 4, 'fsdp': 2, 'tensor': 1}
+  # fsdp really shards parameters: some are split over the 'fsdp' axis.
+  specs = [s.spec for s in jax.tree.leaves(tr8.shardings.params)]
+  assert any('fsdp' in str(sp) for sp in specs)
+  eight_p, eight_m = _step_once(cfg8, None, batch)
+  np.testing.assert_allclose(eight_m['loss'], one_m['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one_p), jax.tree.leaves(eight_p)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_not_divisible_by_data_parallel_size():
+  with pytest.raises(ValueError, match='data-parallel'):
+    train_lib.Trainer(tiny_config(**{'data.batch_size': 6}), '')
+
+
+def test_token_ids_out_of_range_are_an_error():
+  tr = train_lib.Trainer(tiny_config(), '', devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match='outside'):
+    tr.global_batch({'tokens': np.full((8, 32), 50257)})
+
+
+def test_model_dim_not_divisible_by_ell():
+  with pytest.raises(ValueError, match='divisible'):
+    train_lib.Trainer(tiny_config(**{'diffusion.ell': 3}), '')
+
+
+def test_real_sotu_training_steps_checkpoint_and_remesh(tmp_path):
+  cfg = tiny_config()
+  summary = train_lib.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
+  rows = writer_lib.read_jsonl(tmp_path / 'metrics.jsonl')
+  train_rows = [r for r in rows if 'train/loss' in r]
+  assert [r['step'] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(r['train/loss']) for r in train_rows)
+  assert np.isfinite(summary['nll']) and summary['ppl_bound'] > 1
+  assert summary['paper_objective'] > 0
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
+  assert ckpt.latest_step() == 6
+  # Restore onto a different mesh (8 devices, data x fsdp = 2 x 4) and compare parameters.
+  cfg8 = tiny_config(**{'mesh.data': 2, 'mesh.fsdp': 4})
+  tr1 = train_lib.Trainer(cfg, '', devices=jax.devices()[:1])
+  tr8 = train_lib.Trainer(cfg8, '')
+  s1, _ = ckpt.restore(tr1.abs_state)
+  s8, _ = ckpt.restore(tr8.abs_state)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert {str(x.sharding.spec) for x in jax.tree.leaves(s8.params)} != {'PartitionSpec()'}
+  # A checkpoint that does not match the config is a clear error.
+  tr_big = train_lib.Trainer(tiny_config(**{'model.dim': 64}), '', devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match='does not match this config'):
+    ckpt.restore(tr_big.abs_state)
+  ckpt.close()
+
+
+def _launch(workdir, steps, extra=()):
+  cmd = [sys.executable, '-m', 'prime_jax.main', '--config', 'configs/sotu.py', '--workdir',
+         str(workdir), '--config.model.dim=32', '--config.model.num_heads=2',
+         '--config.model.num_layers=2', '--config.data.seq_len=32', '--config.data.batch_size=8',
+         '--config.eval.batch_size=8', '--config.eval.num_batches=1', f'--config.train.num_steps={steps}',
+         '--config.train.log_every=1', '--config.train.eval_every=1000',
+         '--config.train.ckpt_every=4', '--config.model.dropout=0.1',
+         '--config.optim.schedule=constant', *extra]  # constant lr: num_steps does not matter
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(workdir):
+  out = {}
+  for r in writer_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl')):
+    if 'train/loss' in r:
+      out[r['step']] = r['train/loss']  # a resumed run overwrites the killed run's rows
+  return out
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+  steps = 14
+  ref = _launch(tmp_path / 'ref', steps)
+  killed = _launch(tmp_path / 'killed', 400)  # would run far longer; killed once step 8 is saved
+  ckpt_dir = tmp_path / 'killed' / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [int(p.name) for p in ckpt_dir.glob('*') if p.name.isdigit()] if ckpt_dir.exists() else []
+    losses = _losses(tmp_path / 'killed') if (tmp_path / 'killed' / 'metrics.jsonl').exists() else {}
+    if 8 in done and max(losses, default=0) >= 10:
+      break
+    assert killed.poll() is None, killed.stdout.read()
+    time.sleep(0.2)
+  else:
+    pytest.fail('the run never reached a checkpoint at step 8')
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  ref_out, _ = ref.communicate(timeout=600)
+  assert ref.returncode == 0, ref_out
+  resumed = _launch(tmp_path / 'killed', steps)
+  out, _ = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, out
+  assert 'Resumed from step' in out
+  a, b = _losses(tmp_path / 'ref'), _losses(tmp_path / 'killed')
+  assert sorted(a) == list(range(1, steps + 1)) and sorted(b) == list(range(1, steps + 1))
+  for s in range(1, steps + 1):
+    assert a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-7), (s, a[s], b[s])
+  summary = json.load(open(tmp_path / 'killed' / 'summary.json'))
+  assert summary['steps'] == steps
