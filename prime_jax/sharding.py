@@ -125,9 +125,11 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 
 
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when launched as several processes (TPU pod slice, SLURM)."""
+  """jax.distributed.initialize() when launched as several processes: PRIME_JAX_DISTRIBUTED=1 (set by
+  launch/tpu.py; Cloud TPU VMs expose their workers through metadata, not the environment), SLURM
+  with several tasks, or an explicit coordinator."""
   env = os.environ
-  multi = ('JAX_COORDINATOR_ADDRESS' in env or int(env.get('SLURM_NTASKS', '1')) > 1
+  multi = (env.get('PRIME_JAX_DISTRIBUTED') == '1' or 'JAX_COORDINATOR_ADDRESS' in env or int(env.get('SLURM_NTASKS', '1')) > 1
            or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
   if multi and not jax.distributed.is_initialized():
     jax.distributed.initialize()
