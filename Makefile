@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+ASSET_GROUPS ?= text
 
 .PHONY: run test setup assets clean-venv
 
@@ -17,7 +18,7 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 
 assets: setup
-	@if [ -f prime_jax/data/assets.py ]; then $(PY) -m prime_jax.data.assets fetch; fi
+	$(PY) -m prime_jax.data.assets fetch $(ASSET_GROUPS)
 
 run: assets
 	$(PY) -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu --mode train

@@ -101,8 +101,9 @@ def ema_decay(step, decay: float):
 # -- the pure step functions -------------------------------------------------------------------------
 
 
-def diffusion_losses(params, graphdef, x0_BxL, key, task: Task, *, train: bool):
-  """Draws t and y_t, runs the model; returns (training loss, metrics dict of token means)."""
+def diffusion_losses(params, graphdef, x0_BxL, key, task: Task, *, train: bool,
+                     with_nelbo: bool = True):
+  """Draws t and y_t, runs the model; returns per-token losses {'nelbo', 'paper'}: (B, L)."""
   k_t, k_mask, k_drop = jax.random.split(key, 3)
   codec = task.codec
   B = x0_BxL.shape[0]
@@ -112,25 +113,29 @@ def diffusion_losses(params, graphdef, x0_BxL, key, task: Task, *, train: bool):
   model = nnx.merge(graphdef, params)
   logits_BxLxC = model(y_t, deterministic=not train, rngs=nnx.Rngs(dropout=k_drop))
   log_p = parameterization.log_probs(logits_BxLxC, y_t, codec, carry_over=task.carry_over)
-  paper = objectives.token_mean(objectives.paper_loss(log_p, x0_BxL, t_B, schedule=task.schedule))
-  if task.objective == 'paper' and train:
-    return paper, {'paper': paper}
-  nelbo = objectives.token_mean(
-      objectives.nelbo(log_p, x0_BxL, y_t, t_B, codec, schedule=task.schedule))
-  loss = nelbo if task.objective == 'nelbo' else paper
-  return loss, {'nelbo': nelbo, 'paper': paper}
+  out = {'paper': objectives.paper_loss(log_p, x0_BxL, t_B, schedule=task.schedule)}
+  if with_nelbo:
+    out['nelbo'] = objectives.nelbo(log_p, x0_BxL, y_t, t_B, codec, schedule=task.schedule)
+  return out
+
+
+def training_loss(params, graphdef, x0_BxL, key, task: Task):
+  per_token = diffusion_losses(params, graphdef, x0_BxL, key, task, train=True,
+                               with_nelbo=task.objective == 'nelbo')
+  means = {k: objectives.token_mean(v) for k, v in per_token.items()}
+  return means[task.objective], means
 
 
 def train_step(state: TrainState, batch, *, graphdef, task: Task, tx, ema_decay_max: float,
                seed: int):
   key = jax.random.fold_in(jax.random.key(seed), state.step)
-  grad_fn = jax.value_and_grad(diffusion_losses, has_aux=True)
-  (loss, aux), grads = grad_fn(state.params, graphdef, batch['tokens'], key, task, train=True)
+  grad_fn = jax.value_and_grad(training_loss, has_aux=True)
+  (loss, aux), grads = grad_fn(state.params, graphdef, batch['tokens'], key, task)
   updates, new_opt = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   d = ema_decay(state.step, ema_decay_max)
   new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, new_params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # A non-finite step leaves the state untouched; the host stops the run on the flag, so every
   # checkpoint holds finite parameters.
@@ -142,8 +147,11 @@ def train_step(state: TrainState, batch, *, graphdef, task: Task, tx, ema_decay_
 
 
 def eval_step(params, batch, key, *, graphdef, task: Task):
-  _, metrics = diffusion_losses(params, graphdef, batch['tokens'], key, task, train=False)
-  return metrics
+  """Sums over the real (unpadded) sequences of the batch, per original token."""
+  per_token = diffusion_losses(params, graphdef, batch['tokens'], key, task, train=False)
+  w_BxL = jnp.broadcast_to(batch['mask'][:, None], batch['tokens'].shape).astype(jnp.float32)
+  sums = {k: jnp.sum(v * w_BxL) for k, v in per_token.items()}
+  return dict(sums, tokens=jnp.sum(w_BxL))
 
 
 # -- initialisation on a mesh ------------------------------------------------------------------------
@@ -245,9 +253,10 @@ class Trainer:
                           ema_decay_max=cfg.optim.ema_decay, seed=cfg.seed),
         in_shardings=(self.shardings, batch_sh), out_shardings=(self.shardings, None),
         donate_argnums=0)
+    eval_sh = dict(batch_sh, mask=sharding_lib.batch_sharding(self.mesh, 1))
     self.eval_step = jax.jit(
         functools.partial(eval_step, graphdef=self.graphdef, task=self.task),
-        in_shardings=(self.shardings.params, batch_sh, None))
+        in_shardings=(self.shardings.params, eval_sh, None))
     self.n_params = count_params(self.abs_state.params)
     emb = sum(math.prod(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(
         self.abs_state.params) if 'embed' in jax.tree_util.keystr(p).lower()
@@ -259,31 +268,36 @@ class Trainer:
     d = self.cfg.data
     return pipeline.make_text_pipeline(
         d.source, split, seq_len=d.seq_len, batch_size=batch // jax.process_count(),
-        seed=self.cfg.seed, train=train, worker_count=d.worker_count, data_dir=d.data_dir or None)
+        seed=self.cfg.seed, train=train, worker_count=d.worker_count, data_dir=d.data_dir or None,
+        pad_final_batch=not train)
 
   def global_batch(self, local):
     self.codec.check(local['tokens'])
-    return sharding_lib.global_batch({'tokens': np.asarray(local['tokens'], np.int32)}, self.mesh)
+    arrays = {'tokens': np.asarray(local['tokens'], np.int32)}
+    if 'mask' in local:
+      arrays['mask'] = np.asarray(local['mask'], bool)
+    return sharding_lib.global_batch(arrays, self.mesh)
 
   def evaluate(self, params) -> dict[str, float]:
     """Valid bound (nelbo) and the authors' objective, token means over the validation split."""
     cfg = self.cfg
     it = self.data_iterator(cfg.eval.split, train=False, batch=self.eval_batch)
-    sums, n = {}, 0
+    sums, n = {'nelbo': 0.0, 'paper': 0.0, 'tokens': 0.0}, 0
     for i, local in enumerate(it):
       if cfg.eval.num_batches and i >= cfg.eval.num_batches:
         break
       key = jax.random.fold_in(jax.random.key(cfg.eval.seed), i)
-      m = self.eval_step(params, self.global_batch(local), key)
-      for k in ('nelbo', 'paper'):
-        sums[k] = sums.get(k, 0.0) + float(m[k])
+      m = jax.device_get(self.eval_step(params, self.global_batch(local), key))
+      for k in sums:
+        sums[k] += float(m[k])
       n += 1
-    if n == 0:
-      raise ValueError(f'The {cfg.eval.split} split has no full batch of {self.eval_batch} '
-                       f'sequences of length {cfg.data.seq_len}: lower eval.batch_size.')
-    nll = sums['nelbo'] / n
+    if sums['tokens'] == 0:
+      raise ValueError(f'The {cfg.eval.split} split of {cfg.data.source} is empty at sequence '
+                       f'length {cfg.data.seq_len}.')
+    nll = sums['nelbo'] / sums['tokens']
     return {'nll': nll, 'bpt': float(objectives.nats_to_bits(nll)), 'ppl_bound': math.exp(nll),
-            'paper_objective': sums['paper'] / n, 'batches': n}
+            'paper_objective': sums['paper'] / sums['tokens'], 'batches': n,
+            'tokens': sums['tokens']}
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,

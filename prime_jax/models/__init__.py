@@ -1,0 +1,6 @@
+"""Flax NNX models: plain constructor arguments in, logits out; no diffusion, training or config."""
+
+from prime_jax.models.dit import DiT, flops_per_token, param_counts, preset
+from prime_jax.models.embed import SubtokenEmbed
+
+__all__ = ['DiT', 'SubtokenEmbed', 'flops_per_token', 'param_counts', 'preset']

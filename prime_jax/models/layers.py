@@ -1,0 +1,97 @@
+"""NNX building blocks shared by the models: PyTorch-style dense layers, a bias-free LayerNorm.
+
+Dimension key:
+  B: batch    L: sequence length    D: model width    I: input features    O: output features
+
+Why not `nnx.Linear` / `nnx.LayerNorm`: the reference initialises every Linear with PyTorch's
+U(+-1/sqrt(fan_in)) for weights AND biases, some kernels are multi-axis (the fused qkv kernel is
+(D, 3, D) so that tensor parallelism can split heads cleanly), and every parameter carries a logical
+axis name. One small `Dense` keeps all three in one place.
+
+Sharding: every parameter is created through
+`nnx.with_partitioning(init, names, eager_sharding=False)`. The logical names are metadata only
+(read them with `nnx.get_partition_spec`); the model never needs a mesh, and `prime_jax/sharding.py`
+decides placement (map names to mesh axes, jit the initialiser with out_shardings). Eager sharding
+is off per variable because Flax 0.12's default would otherwise demand a mesh context for every
+construction, CPU tests included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+def uniform_init(bound: float) -> Initializer:
+  """U(-bound, +bound): PyTorch's Linear/Embedding default with bound = 1/sqrt(fan_in)."""
+
+  def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def zeros_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def ones_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def make_param(init: Initializer, names: tuple[str, ...], shape: tuple[int, ...],
+               rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.Param:
+  """A Param with logical axis names; `len(names) == len(shape)` is enforced to catch typos."""
+  if len(names) != len(shape):
+    raise ValueError(f'Logical names {names} do not match the parameter shape {shape}.')
+  init = nnx.with_partitioning(init, names, eager_sharding=False)
+  return nnx.Param(init(rngs.params(), shape, param_dtype))
+
+
+class Dense(nnx.Module):
+  """x @ W + b with W of shape (I, *out_shape), PyTorch init, and logical axis names.
+
+  `names` covers the kernel axes (input first); the bias takes the output names. `zero_init` makes
+  both kernel and bias zero (adaLN modulation, output head). The matmul runs in `dtype`; params stay
+  in `param_dtype`, so bf16 compute keeps float32 master weights.
+  """
+
+  def __init__(self, in_features: int, out_shape: int | tuple[int, ...], *,
+               names: tuple[str, ...], use_bias: bool = True, zero_init: bool = False,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+    init = zeros_init if zero_init else uniform_init(1.0 / math.sqrt(in_features))
+    self.kernel = make_param(init, names, (in_features, *out_shape), rngs, param_dtype)
+    self.bias = (make_param(init, names[1:], out_shape, rngs, param_dtype) if use_bias
+                 else nnx.data(None))
+    self.dtype = dtype
+
+  def __call__(self, x_BxI: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    y = jax.lax.dot_general(x_BxI.astype(self.dtype), kernel,
+                            (((x_BxI.ndim - 1,), (0,)), ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with a weight and no bias, always computed in float32 (the reference's fp32 LN)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.scale = make_param(ones_init, ('embed',), (dim,), rngs, param_dtype)
+    self.eps = eps
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)

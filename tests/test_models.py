@@ -1,0 +1,322 @@
+"""Models: sub-token embedding and the DiT trunk (SPEC 8.1, 13.18, 13.19)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prime_jax.diffusion.subtokens import Codec
+from prime_jax.models import dit
+from prime_jax.models.dit import DiT
+from prime_jax.models.embed import SubtokenEmbed
+
+GPT2 = 50257
+# A tiny Prime config: C = 300, ell = 2 -> b = 18, 19 input symbols.
+TINY = dict(vocab_size=300, base=18, ell=2, dim=64, num_heads=4, num_layers=2, cond_dim=32)
+B, L = 2, 12
+# Jitted forward: fast on CPU, and proves the model traces under jit (graphdef static).
+_run = nnx.jit(DiT.__call__, static_argnames=('deterministic',))
+
+
+def _tiny(**overrides) -> DiT:
+  return DiT(**{**TINY, **overrides}, rngs=nnx.Rngs(0))
+
+
+def _tokens(seed: int = 1, ell: int = 2, base: int = 18) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (B, L, ell), 0, base + 1)  # mask id included
+
+
+@jax.jit
+def _add_noise(leaves: list[jax.Array], key: jax.Array, scale: float) -> list[jax.Array]:
+  # One normal draw sliced per leaf: a threefry per leaf would dominate compile time on CPU.
+  noise = jax.random.normal(key, (sum(x.size for x in leaves),))
+  offsets = np.cumsum([0] + [x.size for x in leaves])
+  return [x + scale * noise[a:b].reshape(x.shape) for x, a, b in zip(leaves, offsets, offsets[1:])]
+
+
+def _perturb(model: nnx.Module, seed: int = 7, scale: float = 0.1) -> None:
+  """Adds noise to every parameter so the zero-initialised layers produce non-trivial outputs."""
+  leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
+  nnx.update(model, jax.tree.unflatten(treedef, _add_noise(leaves, jax.random.key(seed), scale)))
+
+
+def _copy_weights(src: DiT, dst: DiT) -> None:
+  """Copies src into dst, stacking per-layer blocks when dst is scanned."""
+  pure = nnx.to_pure_dict(nnx.state(src, nnx.Param))
+  if dst.scan_layers and not src.scan_layers:
+    layers = [pure['blocks'][i] for i in range(src.num_layers)]
+    pure['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  state = nnx.state(dst, nnx.Param)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(dst, state)
+
+
+def _params(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
+  return list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter counts (abstract: nothing materialised)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name, ell, expected', [
+    ('small', 2, 131_115_089), ('small', 3, 131_038_033), ('small', 4, 131_031_377),
+    ('small', 6, 131_029_329), ('small', 8, 131_028_785), ('small', 1, 169_627_218),
+    ('medium', 4, 373_015_889), ('medium', 1, 424_477_010)])
+def test_parameter_counts(name, ell, expected):
+  kwargs = dict(vocab_size=GPT2, base=Codec(GPT2, ell).base, ell=ell, **dit.preset(name))
+  model = nnx.eval_shape(lambda: DiT(**kwargs, rngs=nnx.Rngs(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(model))) == expected
+  assert dit.param_counts(**kwargs)['total'] == expected
+  embedding = (kwargs['base'] + 1) * (kwargs['dim'] // ell)
+  assert model.embed.table.shape == (kwargs['base'] + 1, kwargs['dim'] // ell)
+  assert dit.param_counts(**kwargs)['embedding'] == embedding
+
+
+def test_scanned_count_equals_unscanned():
+  kwargs = dict(vocab_size=GPT2, base=15, ell=4, **dit.preset('small'))
+  counts = [sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(
+      lambda s=s: DiT(**kwargs, scan_layers=s, rngs=nnx.Rngs(0)))))) for s in (False, True)]
+  assert counts == [131_031_377] * 2
+
+
+@pytest.mark.parametrize('ell', [3, 6])
+def test_medium_refuses_indivisible_ell(ell):
+  with pytest.raises(ValueError, match=f'dim=1024 is not divisible by ell={ell}'):
+    nnx.eval_shape(lambda: DiT(vocab_size=GPT2, base=Codec(GPT2, ell).base, ell=ell,
+                               **dit.preset('medium'), rngs=nnx.Rngs(0)))
+
+
+def test_bad_configs_fail_loudly():
+  with pytest.raises(ValueError, match='cannot represent'):
+    _tiny(base=10)  # 10**2 < 300
+  with pytest.raises(ValueError, match='heads'):
+    _tiny(num_heads=5)
+  with pytest.raises(ValueError, match='Unknown DiT preset'):
+    dit.preset('huge')
+
+
+def test_flops_per_token():
+  kwargs = dict(vocab_size=GPT2, base=225, ell=2, **dit.preset('small'))
+  d, layers, seq = 768, 12, 1024
+  per_token = layers * (2 * d + 4 * d * d + 8 * d * d + 5 * d) + d + (d + 1) * GPT2
+  expected = 6 * per_token + 12 * layers * d * seq
+  assert dit.flops_per_token(seq, **kwargs) == expected
+  model = nnx.eval_shape(lambda: DiT(**kwargs, rngs=nnx.Rngs(0)))
+  assert model.flops_per_token(seq) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding
+# ------------------------------------------------------------------------------------------------
+
+
+def test_subtoken_embedding_concatenates_digits_in_order():
+  embed = SubtokenEmbed(num_symbols=5, ell=3, dim=12, rngs=nnx.Rngs(0))
+  table = np.asarray(embed.table[...])
+  assert table.shape == (5, 4) and np.abs(table).max() <= 0.5  # U(+-1/sqrt(4))
+  y = jax.random.randint(jax.random.key(0), (2, 6, 3), 0, 5)
+  out = np.asarray(embed(y))
+  assert out.shape == (2, 6, 12)
+  for j in range(3):
+    np.testing.assert_array_equal(out[..., 4 * j:4 * (j + 1)], table[np.asarray(y[..., j])])
+  with pytest.raises(ValueError, match='ell=3'):
+    embed(y[..., :2])
+
+
+def test_mdlm_embedding_has_mask_row():
+  model = nnx.eval_shape(lambda: DiT(vocab_size=GPT2, base=GPT2, ell=1, **dit.preset('small'),
+                                     rngs=nnx.Rngs(0)))
+  assert model.embed.table.shape == (GPT2 + 1, 768)
+  assert model.final.head.kernel.shape == (768, GPT2 + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialisation (SPEC 13.19), shapes, dtypes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_initialisation_is_identity_with_zero_logits(scan):
+  model = _tiny(scan_layers=scan)
+  for path, var in _params(model):
+    value = np.asarray(var[...])
+    if 'adaln' in path or 'head' in path:
+      assert not value.any(), path
+    elif path[-1] == 'scale':
+      assert (value == 1).all(), path
+  y = _tokens()
+  logits = model(y)
+  assert logits.shape == (B, L, TINY['vocab_size']) and logits.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(logits), 0.0)
+
+  ref = _tiny()  # unscanned twin: check every block is exactly the identity map
+  x = jax.random.normal(jax.random.key(2), (B, L, TINY['dim']))
+  c = jax.random.normal(jax.random.key(3), (B, TINY['cond_dim']))
+  cos, sin = dit.rotary_cos_sin(L, TINY['dim'] // TINY['num_heads'])
+  for block in ref.blocks:
+    np.testing.assert_array_equal(np.asarray(block(x, c, cos, sin, None, True)), np.asarray(x))
+
+
+def test_mask_logit_in_head():
+  mdlm = DiT(**{**TINY, 'ell': 1, 'base': 300}, rngs=nnx.Rngs(0))
+  assert mdlm.mask_logit_in_head and mdlm.final.head.kernel.shape[-1] == 301
+  y = jax.random.randint(jax.random.key(0), (B, L, 1), 0, 301)
+  assert _run(mdlm, y).shape == (B, L, 300)
+  assert _tiny().final.head.kernel.shape[-1] == 300
+  assert _tiny(mask_logit_in_head=True).final.head.kernel.shape[-1] == 301
+
+
+def test_bf16_compute_matches_fp32():
+  fp32 = _tiny()
+  _perturb(fp32)
+  bf16 = _tiny(dtype=jnp.bfloat16)
+  _copy_weights(fp32, bf16)
+  assert all(v.dtype == jnp.float32 for _, v in _params(bf16))
+  y = _tokens()
+  ref, out = _run(fp32, y), _run(bf16, y)
+  assert out.dtype == jnp.float32
+  scale = float(jnp.abs(ref).max())
+  assert scale > 0.1
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=0.03 * scale)
+  assert not np.array_equal(np.asarray(out), np.asarray(ref))  # bf16 really was used
+
+
+def test_time_conditioning():
+  sigma_a, sigma_b = jnp.array([0.0, 1.0]), jnp.array([3.0, 0.5])
+  off = _tiny()
+  _perturb(off)
+  y = _tokens()
+  out_a = np.asarray(_run(off, y, sigma_a))
+  np.testing.assert_array_equal(out_a, np.asarray(_run(off, y, sigma_b)))
+  np.testing.assert_array_equal(out_a, np.asarray(_run(off, y)))
+  on = _tiny(time_conditioning=True)
+  _perturb(on)
+  assert not np.allclose(np.asarray(_run(on, y, sigma_a)), np.asarray(_run(on, y, sigma_b)))
+  with pytest.raises(ValueError, match='sigma'):
+    on(y)
+  feats = dit.timestep_features(jnp.zeros((2,)))
+  np.testing.assert_array_equal(np.asarray(feats), np.concatenate([np.ones((2, 128)),
+                                                                   np.zeros((2, 128))], -1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout, scan, remat
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dropout_randomness_is_explicit():
+  model = _tiny()
+  _perturb(model)
+  y = _tokens()
+  eval_a, eval_b = _run(model, y), _run(model, y, deterministic=True)
+  np.testing.assert_array_equal(np.asarray(eval_a), np.asarray(eval_b))
+  k1, k2 = jax.random.key(10), jax.random.key(11)
+  train_1, train_1b, train_2 = (_run(model, y, deterministic=False, rngs=k) for k in (k1, k1, k2))
+  np.testing.assert_array_equal(np.asarray(train_1), np.asarray(train_1b))
+  assert not np.allclose(np.asarray(train_1), np.asarray(train_2))
+  assert not np.allclose(np.asarray(train_1), np.asarray(eval_a))
+  assert _run(model, y, deterministic=False, rngs=nnx.Rngs(dropout=3)).shape == (B, L, 300)
+  with pytest.raises(ValueError, match='rngs'):
+    model(y, deterministic=False)
+  no_dropout = _tiny(dropout=0.0)
+  _copy_weights(model, no_dropout)
+  np.testing.assert_array_equal(np.asarray(_run(no_dropout, y, deterministic=False)),
+                                np.asarray(eval_a))
+
+
+def test_scan_matches_unscanned():
+  loop = _tiny()
+  _perturb(loop)
+  scanned = _tiny(scan_layers=True)
+  _copy_weights(loop, scanned)
+  y, key = _tokens(), jax.random.key(5)
+  np.testing.assert_allclose(np.asarray(_run(scanned, y)), np.asarray(_run(loop, y)),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(_run(scanned, y, deterministic=False, rngs=key)),
+                             np.asarray(_run(loop, y, deterministic=False, rngs=key)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(model: DiT, y: jax.Array, key: jax.Array):
+  """The pure train-step pattern: split once, merge inside the jitted function."""
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  @jax.jit
+  def loss_fn(params, y, key):
+    m = nnx.merge(graphdef, params)
+    logits = m(y, deterministic=False, rngs=jax.random.fold_in(key, 3))
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+  loss, grads = jax.value_and_grad(loss_fn)(params, y, key)
+  return loss, nnx.to_pure_dict(grads)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_remat_same_values_and_grads(scan):
+  plain = _tiny(scan_layers=scan)
+  _perturb(plain)
+  remat = _tiny(scan_layers=scan, remat=True)
+  nnx.update(remat, nnx.state(plain, nnx.Param))
+  y, key = _tokens(), jax.random.key(4)
+  loss_a, grads_a = _loss_and_grads(plain, y, key)
+  loss_b, grads_b = _loss_and_grads(remat, y, key)
+  np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               grads_a, grads_b)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads_a))
+  assert float(jnp.abs(grads_a['embed']['table']).max()) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention and rotary
+# ------------------------------------------------------------------------------------------------
+
+
+def test_attention_is_bidirectional():
+  model = _tiny()
+  _perturb(model)
+  y = _tokens()
+  base = np.asarray(_run(model, y))
+  later = np.asarray(_run(model, y.at[:, -1, 0].set((y[:, -1, 0] + 1) % 19)))
+  earlier = np.asarray(_run(model, y.at[:, 0, 1].set((y[:, 0, 1] + 1) % 19)))
+  assert not np.allclose(base[:, 0], later[:, 0])  # a later token reaches the first position
+  assert not np.allclose(base[:, -1], earlier[:, -1])  # and an earlier one the last
+
+
+def test_rotary_depends_on_relative_position_only():
+  head_dim, n = 16, 10
+  cos, sin = dit.rotary_cos_sin(n, head_dim)
+  q, k = jax.random.normal(jax.random.key(0), (2, head_dim))
+  q_rot = dit.apply_rotary(jnp.broadcast_to(q, (1, n, 1, head_dim)), cos, sin)[0, :, 0]
+  k_rot = dit.apply_rotary(jnp.broadcast_to(k, (1, n, 1, head_dim)), cos, sin)[0, :, 0]
+  scores = np.asarray(q_rot @ k_rot.T)
+  for offset in range(-n + 1, n):
+    diag = np.diagonal(scores, offset)
+    np.testing.assert_allclose(diag, diag[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(q_rot, axis=-1), np.linalg.norm(q), rtol=1e-5)
+  # Rotate-half layout: the pair (i, i + H/2) rotates by p * 10000**(-2i/H); i = 0 rotates by p.
+  e0 = jnp.zeros((1, n, 1, head_dim)).at[..., 0].set(1.0)
+  rot = np.asarray(dit.apply_rotary(e0, cos, sin))[0, :, 0]
+  np.testing.assert_allclose(rot[:, 0], np.cos(np.arange(n)), atol=1e-6)
+  np.testing.assert_allclose(rot[:, head_dim // 2], np.sin(np.arange(n)), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding metadata
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_every_parameter_has_logical_axes(scan):
+  model = _tiny(scan_layers=scan)
+  for path, var in _params(model):
+    names = var.get_metadata().get('out_sharding')
+    assert names is not None and len(names) == var.ndim, (path, names)
+    assert set(names) <= set(dit.LOGICAL_AXIS_NAMES), (path, names)
+    assert len(set(names)) == len(names), (path, names)  # one mesh axis may serve one array axis
+    assert (names[0] == 'layers') == (scan and path[0] == 'blocks'), (path, names)
+  specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+  assert tuple(specs['final']['head']['kernel'].get_value()) == ('embed', 'vocab')
