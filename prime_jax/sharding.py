@@ -26,7 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('embed', 'fsdp'),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
-    ('qkv', 'tensor'),
+    ('qkv', None),  # the (D, 3, D) qkv kernel shards by 'heads'
     ('kv', None),
     ('cond', None),
     ('cond_in', None),
