@@ -99,3 +99,37 @@ def loss_fn_for(objective: str):
     return lambda log_p, x0, y_t, t, codec, schedule: paper_loss(log_p, x0, t, schedule=schedule)
   raise ValueError(f"Unknown objective {objective!r}; choose 'nelbo' (the valid bound) or 'paper'.")
 
+
+
+def fused_losses(logits: jax.Array, x0: jax.Array, y_t: jax.Array, t: jax.Array, codec, *,
+                 schedule, carry_over: bool = True, with_nelbo: bool = True) -> dict:
+  """`paper_loss` and `nelbo` straight from logits (B, *S, C), for training.
+
+  Equal to log_probs -> paper_loss / nelbo, but with ONE exponential pass over (B, *S, C) and
+  nothing of that size materialised except the exponentials kept for the backward pass: the
+  joint needs log sum_c p_c, each digit marginal at the true digit a masked sum of the same p_c.
+  (On CPU, exp over a 50257-way head costs as much as the head's matmul.)
+  """
+  schedule = schedules_lib.as_schedule(schedule)
+  x0 = x0.astype(jnp.int32)
+  z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  if carry_over:
+    z = jnp.where(parameterization.consistent(y_t, codec), z, parameterization.NEG_INF)
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  p = jnp.exp(z - m)
+  log_total = jnp.log(jnp.sum(p, axis=-1))
+  z_x0 = _gather(z, x0) - m[..., 0]
+  log_joint = z_x0 - log_total
+  w = _expand(schedule.weight(t), log_joint.ndim)
+  out = {'paper': -w * log_joint}
+  if with_nelbo:
+    digits = codec.encode(x0)  # (B, *S, K)
+    nll = jnp.zeros_like(log_joint)
+    for j in range(codec.ell):
+      same = jnp.asarray(codec.digits[:, j]) == digits[..., j:j + 1]
+      s_j = jnp.sum(jnp.where(same, p, 0.0), axis=-1)
+      # s_j >= p(x0); the max keeps the value finite if every term underflowed.
+      log_marg = jnp.maximum(jnp.log(s_j), z_x0) - log_total
+      nll = nll - jnp.where(y_t[..., j] == codec.mask_id, log_marg, 0.0)
+    out['nelbo'] = w * nll
+  return out

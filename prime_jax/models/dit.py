@@ -180,9 +180,11 @@ class FinalLayer(nnx.Module):
                       rngs=rngs)
 
   def __call__(self, x_BxLxD: jax.Array, c_BxE: jax.Array) -> jax.Array:
+    return self.head(self.features(x_BxLxD, c_BxE)).astype(jnp.float32)
+
+  def features(self, x_BxLxD: jax.Array, c_BxE: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaln(c_BxE)[:, None, :], 2, axis=-1)
-    h = _modulate(self.norm(x_BxLxD), shift, scale)
-    return self.head(h).astype(jnp.float32)
+    return _modulate(self.norm(x_BxLxD), shift, scale)
 
 
 def _dropout_key(rngs: nnx.Rngs | nnx.RngStream | jax.Array | None) -> jax.Array:
@@ -246,7 +248,23 @@ class DiT(nnx.Module):
   def __call__(self, y_BxLxK: jax.Array, sigma_B: Optional[jax.Array] = None, *,
                deterministic: bool = True,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
-    """y (B, L, K) sub-token ids in [0, b] (b = mask) -> float32 logits (B, L, C).
+    """y (B, L, K) sub-token ids in [0, b] (b = mask) -> float32 logits (B, L, C)."""
+    h_BxLxD = self.features(y_BxLxK, sigma_B, deterministic=deterministic, rngs=rngs)
+    kernel_DxC, bias_C = self.head_params()
+    logits = jax.lax.dot_general(h_BxLxD, kernel_DxC, (((2,), (0,)), ((), ())))
+    return (logits + bias_C).astype(jnp.float32)
+
+  def head_params(self) -> tuple[jax.Array, jax.Array]:
+    """The output head restricted to the C token classes: kernel (D, C), bias (C,), compute dtype.
+    A training loss can fuse it with the softmax instead of materialising (B, L, C) logits."""
+    head = self.final.head
+    return (head.kernel[...][:, :self.vocab_size].astype(self.dtype),
+            head.bias[...][:self.vocab_size].astype(self.dtype))
+
+  def features(self, y_BxLxK: jax.Array, sigma_B: Optional[jax.Array] = None, *,
+               deterministic: bool = True,
+               rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+    """The head's input (B, L, D) in the compute dtype: trunk, final LN and adaLN modulation.
 
     sigma_B is read only with time_conditioning=True. Training (deterministic=False) needs `rngs`:
     a PRNG key, split here into one key per layer (so scanned and unscanned stacks agree), or an
@@ -284,8 +302,7 @@ class DiT(nnx.Module):
       for i, block in enumerate(self.blocks):
         x_BxLxD = block_fn(block, x_BxLxD, None if keys_S is None else keys_S[i])
 
-    logits_BxLxO = self.final(x_BxLxD, c_BxE)
-    return logits_BxLxO[..., :self.vocab_size]
+    return self.final.features(x_BxLxD, c_BxE).astype(self.dtype)
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token at this sequence length; see the module-level `flops_per_token`."""

@@ -1,0 +1,168 @@
+"""Output head + carry-over + both objectives, tiled over the vocabulary (training hot path).
+
+Dimension key: N tokens (B * L flattened), D model width, C token classes, V vocabulary tile,
+K sub-tokens per token.
+
+`objectives.fused_losses(h @ W + b, ...)` materialises (N, C) logits, their exponentials and their
+gradient: with C = 50257 each of those passes over memory costs as much as the head's matmul on a
+CPU. Here the head is applied one vocabulary tile at a time inside a scan (an online logsumexp, as in
+flash attention), and a custom VJP recomputes each tile in the backward pass, so nothing of size
+(N, C) ever exists and each tile stays in cache. Values and gradients equal
+`objectives.fused_losses` (tested).
+
+Gradients, per token with weight w, p_c = softmax over the consistent classes, P_j the marginal of
+digit j at the true digit and M the masked digits:
+  d paper / dz_c = -w (1[c = x0] - p_c)
+  d nelbo / dz_c = -w (p_c sum_{j in M} 1[d_j(c) = d_j(x0)] / P_j - |M| p_c)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prime_jax.diffusion import parameterization
+
+NEG_INF = parameterization.NEG_INF
+
+
+def _tiles(codec, tile: int):
+  """Padded digit table (T, V, K) and class ids (T, V); padding classes have digits -1."""
+  C, K = codec.vocab_size, codec.ell
+  num = -(-C // tile)
+  digits = np.full((num * tile, K), -1, np.int32)
+  digits[:C] = codec.digits
+  return (jnp.asarray(digits.reshape(num, tile, K)),
+          jnp.asarray(np.arange(num * tile, dtype=np.int32).reshape(num, tile)), num)
+
+
+def _tile_logits(h_NxD, W_DxV, b_V, cls_V, dig_VxK, y_NxK, codec, carry_over):
+  z = jnp.dot(h_NxD, W_DxV, preferred_element_type=jnp.float32) + b_V.astype(jnp.float32)
+  valid = cls_V < codec.vocab_size
+  if carry_over:
+    for j in range(codec.ell):
+      y_j = y_NxK[:, j:j + 1]
+      valid = valid & ((y_j == codec.mask_id) | (dig_VxK[:, j] == y_j))
+  return jnp.where(valid, z, NEG_INF)
+
+
+def _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=False):
+  N, D = h.shape
+  K = codec.ell
+  digits, classes, num = _tiles(codec, tile)
+  pad = num * tile - W.shape[1]
+  W_T = jnp.pad(W, ((0, 0), (0, pad))).reshape(D, num, tile).transpose(1, 0, 2)
+  b_T = jnp.pad(b, (0, pad)).reshape(num, tile)
+  x0_digits = codec.encode(x0)  # (N, K)
+
+  def step(carry, xs):
+    m, s, z_x0, S = carry
+    W_t, b_t, cls, dig = xs
+    z = _tile_logits(h, W_t, b_t, cls, dig, y, codec, carry_over)
+    m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+    scale = jnp.exp(m - m_new)
+    e = jnp.exp(z - m_new[:, None])
+    s = s * scale + jnp.sum(e, axis=-1)
+    z_x0 = z_x0 + jnp.sum(jnp.where(cls == x0[:, None], z, 0.0), axis=-1)
+    if with_nelbo:
+      same = [(dig[:, j] == x0_digits[:, j:j + 1]) for j in range(K)]
+      S = S * scale[:, None] + jnp.stack([jnp.sum(jnp.where(sm, e, 0.0), -1) for sm in same], -1)
+    return (m_new, s, z_x0, S), (z if keep_logits else None)
+
+  init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32),
+          jnp.zeros((N,), jnp.float32), jnp.zeros((N, K), jnp.float32))
+  (m, s, z_x0, S), z_T = jax.lax.scan(step, init, (W_T, b_T, classes, digits))
+  lse = m + jnp.log(s)
+  log_joint = z_x0 - lse
+  # S_j >= exp(z_x0 - m); the max keeps log P_j finite if every term underflowed.
+  log_marg = jnp.maximum(jnp.log(S), (z_x0 - m)[:, None]) - jnp.log(s)[:, None]
+  return log_joint, log_marg, lse, z_T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _losses(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
+  log_joint, log_marg, _, _ = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile)
+  masked = (y == codec.mask_id)
+  paper = -w * log_joint
+  nelbo = -w * jnp.sum(jnp.where(masked, log_marg, 0.0), axis=-1) if with_nelbo else paper * 0
+  return paper, nelbo
+
+
+def _losses_fwd(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
+  log_joint, log_marg, lse, z_T = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile,
+                                           keep_logits)
+  masked = (y == codec.mask_id)
+  paper = -w * log_joint
+  nelbo = -w * jnp.sum(jnp.where(masked, log_marg, 0.0), axis=-1) if with_nelbo else paper * 0
+  return (paper, nelbo), (h, W, b, x0, y, w, lse, jnp.exp(log_marg), z_T)
+
+
+def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangents):
+  h, W, b, x0, y, w, lse, P, z_T = res
+  g_paper, g_nelbo = cotangents
+  N, D = h.shape
+  K = codec.ell
+  digits, classes, num = _tiles(codec, tile)
+  pad = num * tile - W.shape[1]
+  W_T = jnp.pad(W, ((0, 0), (0, pad))).reshape(D, num, tile).transpose(1, 0, 2)
+  b_T = jnp.pad(b, (0, pad)).reshape(num, tile)
+  x0_digits = codec.encode(x0)
+  masked = (y == codec.mask_id).astype(jnp.float32)  # (N, K)
+  a = (-w * g_paper)[:, None]
+  c = (-w * g_nelbo)[:, None] if with_nelbo else None
+  inv_P = jnp.where(masked > 0, 1.0 / jnp.maximum(P, 1e-38), 0.0) if with_nelbo else None
+  n_masked = jnp.sum(masked, axis=-1, keepdims=True)
+
+  def step(dh, xs):
+    W_t, b_t, cls, dig, z = xs
+    if z is None:  # recompute the tile rather than keep (N, C) logits alive
+      z = _tile_logits(h, W_t, b_t, cls, dig, y, codec, carry_over)
+    p = jnp.exp(z - lse[:, None])
+    dz = a * (jnp.where(cls == x0[:, None], 1.0, 0.0) - p)
+    if with_nelbo:
+      r = sum(jnp.where(dig[:, j] == x0_digits[:, j:j + 1], inv_P[:, j:j + 1], 0.0)
+              for j in range(K))
+      dz = dz + c * p * (r - n_masked)
+    dz_h = dz.astype(h.dtype)
+    dh = dh + jnp.dot(dz_h, W_t.T, preferred_element_type=jnp.float32)
+    dW_t = jnp.dot(h.T, dz_h, preferred_element_type=jnp.float32)
+    return dh, (dW_t, jnp.sum(dz, axis=0))
+
+  dh, (dW_T, db_T) = jax.lax.scan(step, jnp.zeros((N, D), jnp.float32),
+                                  (W_T, b_T, classes, digits, z_T))
+  C = W.shape[1]
+  dW = dW_T.transpose(1, 0, 2).reshape(D, num * tile)[:, :C].astype(W.dtype)
+  db = db_T.reshape(-1)[:C].astype(b.dtype)
+  return dh.astype(h.dtype), dW, db, None, None, None
+
+
+_losses.defvjp(_losses_fwd, _losses_bwd)
+
+
+def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0_BxL: jax.Array,
+                y_t: jax.Array, t_B: jax.Array, codec, *, schedule, carry_over: bool = True,
+                with_nelbo: bool = True, tile: int = 2048,
+                keep_logits_bytes: int = 2**30) -> dict:
+  """Per-token {'paper', 'nelbo'} (B, L) from the head's input, without (B, L, C) logits.
+
+  Same values as objectives.fused_losses(h @ kernel + bias, ...). Gradients flow to h, kernel and
+  bias. `tile` is the vocabulary tile (a (B*L, tile) float32 block should fit in cache). The
+  forward pass keeps its logit tiles for the backward pass when they take at most
+  `keep_logits_bytes` (saving one head matmul); larger batches recompute them.
+  """
+  from prime_jax.diffusion import schedules as schedules_lib
+  schedule = schedules_lib.as_schedule(schedule)
+  B, L, D = h_BxLxD.shape
+  w_BxL = jnp.broadcast_to(schedule.weight(t_B).astype(jnp.float32)[:, None], (B, L))
+  paper, nelbo = _losses(h_BxLxD.reshape(B * L, D), kernel_DxC, bias_C,
+                         x0_BxL.reshape(-1).astype(jnp.int32),
+                         y_t.reshape(B * L, codec.ell).astype(jnp.int32), w_BxL.reshape(-1),
+                         codec, bool(carry_over), bool(with_nelbo), int(tile),
+                         B * L * codec.vocab_size * 4 <= keep_logits_bytes)
+  out = {'paper': paper.reshape(B, L)}
+  if with_nelbo:
+    out['nelbo'] = nelbo.reshape(B, L)
+  return out
