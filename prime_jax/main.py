@@ -4,7 +4,7 @@ Modes: train (resumes from WORKDIR), bench (synthetic batches: step time, tokens
 eval and sample are dispatched here and land with the evaluation issue.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
@@ -17,6 +17,7 @@ _BENCH_STEPS = flags.DEFINE_integer('bench_steps', 5, 'Timed steps for --mode be
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # keep Orbax/JAX INFO chatter out of the progress lines
   cfg = _CONFIG.value
   if _MODE.value == 'bench':
     from prime_jax import bench
