@@ -309,6 +309,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   writer = writer_lib.MetricWriter(workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=cfg.train.keep_ckpts)
   checkpoint_lib.write_json(f'{workdir}/config.json', cfg.to_dict())
+  if jax.process_index() == 0:
+    from clu import parameter_overview  # shapes only: no TensorFlow, nothing allocated
+    with open(f'{workdir}/parameters.txt', 'w') as f:
+      f.write(parameter_overview.get_parameter_overview(tr.abs_state.params.to_pure_dict(),
+                                                        include_stats=False))
   train_iter = tr.data_iterator('train', train=True, batch=cfg.data.batch_size)
   meta = {'config_summary': dict(vocab_size=cfg.diffusion.vocab_size, ell=cfg.diffusion.ell,
                                  dim=cfg.model.dim, layers=cfg.model.num_layers)}

@@ -156,3 +156,19 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     assert a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-7), (s, a[s], b[s])
   summary = json.load(open(tmp_path / 'killed' / 'summary.json'))
   assert summary['steps'] == steps
+
+
+def test_non_finite_loss_stops_loudly_and_keeps_the_last_good_checkpoint(tmp_path):
+  # An absurd learning rate blows the parameters up within a few steps.
+  cfg = tiny_config(**{'optim.lr': 1e30, 'optim.grad_clip': 0.0, 'optim.warmup_steps': 0,
+                       'train.num_steps': 12, 'train.ckpt_every': 1})
+  with pytest.raises(FloatingPointError, match='Non-finite'):
+    train_lib.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
+  step = ckpt.latest_step()
+  assert step is not None and step < 12
+  tr = train_lib.Trainer(cfg, '', devices=jax.devices()[:1])
+  state, _ = ckpt.restore(tr.abs_state)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  assert (tmp_path / 'parameters.txt').read_text().count('kernel') > 3
+  ckpt.close()

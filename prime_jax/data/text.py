@@ -26,6 +26,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -212,12 +213,17 @@ class NpySequences:
 
   def __init__(self, path: os.PathLike):
     self.path = Path(path)
-    self._rows = None
-    self._len = np.load(self.path, mmap_mode='r').shape[0]
+    self._lock = threading.Lock()
+    self._rows = np.load(self.path, mmap_mode='r')
+    self._len = self._rows.shape[0]
 
   def _array(self) -> np.ndarray:
+    # Mapped once, under a lock: grain reads from a thread pool, and concurrent np.load header
+    # parsing (ast.literal_eval) crashes CPython 3.11 ("AST constructor recursion depth mismatch").
     if self._rows is None:
-      self._rows = np.load(self.path, mmap_mode='r')
+      with self._lock:
+        if self._rows is None:
+          self._rows = np.load(self.path, mmap_mode='r')
     return self._rows
 
   def __len__(self) -> int:
@@ -228,6 +234,10 @@ class NpySequences:
 
   def __getstate__(self) -> dict:
     return {'path': self.path, '_rows': None, '_len': self._len}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
 
 def _cached_path(source: str, split: str, seq_len: int, identity: str, build) -> Path:
