@@ -312,7 +312,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     from clu import parameter_overview  # shapes only: no TensorFlow, nothing allocated
     with open(f'{workdir}/parameters.txt', 'w') as f:
-      f.write(parameter_overview.get_parameter_overview(tr.abs_state.params.to_pure_dict(),
+      f.write(parameter_overview.get_parameter_overview(nnx.to_pure_dict(tr.abs_state.params),
                                                         include_stats=False))
   train_iter = tr.data_iterator('train', train=True, batch=cfg.data.batch_size)
   meta = {'config_summary': dict(vocab_size=cfg.diffusion.vocab_size, ell=cfg.diffusion.ell,
