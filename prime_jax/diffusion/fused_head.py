@@ -29,14 +29,18 @@ from prime_jax.diffusion import parameterization
 NEG_INF = parameterization.NEG_INF
 
 
-def _tiles(codec, tile: int):
-  """Padded digit table (T, V, K) and class ids (T, V); padding classes have digits -1."""
+def _tiles(W, b, codec, tile: int):
+  """The scan inputs, one vocabulary tile each: kernel (T, D, V), bias (T, V), class ids (T, V) and
+  digit table (T, V, K). Padding classes (ids >= C) have digits -1 and are always masked out."""
   C, K = codec.vocab_size, codec.ell
   num = -(-C // tile)
   digits = np.full((num * tile, K), -1, np.int32)
   digits[:C] = codec.digits
-  return (jnp.asarray(digits.reshape(num, tile, K)),
-          jnp.asarray(np.arange(num * tile, dtype=np.int32).reshape(num, tile)), num)
+  pad = num * tile - C
+  W_T = jnp.pad(W, ((0, 0), (0, pad))).reshape(W.shape[0], num, tile).transpose(1, 0, 2)
+  b_T = jnp.pad(b, (0, pad)).reshape(num, tile)
+  classes = jnp.asarray(np.arange(num * tile, dtype=np.int32).reshape(num, tile))
+  return W_T, b_T, classes, jnp.asarray(digits.reshape(num, tile, K))
 
 
 def _tile_logits(h_NxD, W_DxV, b_V, cls_V, dig_VxK, y_NxK, codec, carry_over):
@@ -50,12 +54,8 @@ def _tile_logits(h_NxD, W_DxV, b_V, cls_V, dig_VxK, y_NxK, codec, carry_over):
 
 
 def _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=False):
-  N, D = h.shape
+  N = h.shape[0]
   K = codec.ell
-  digits, classes, num = _tiles(codec, tile)
-  pad = num * tile - W.shape[1]
-  W_T = jnp.pad(W, ((0, 0), (0, pad))).reshape(D, num, tile).transpose(1, 0, 2)
-  b_T = jnp.pad(b, (0, pad)).reshape(num, tile)
   x0_digits = codec.encode(x0)  # (N, K)
 
   def step(carry, xs):
@@ -74,7 +74,7 @@ def _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=Fa
 
   init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32),
           jnp.zeros((N,), jnp.float32), jnp.zeros((N, K), jnp.float32))
-  (m, s, z_x0, S), z_T = jax.lax.scan(step, init, (W_T, b_T, classes, digits))
+  (m, s, z_x0, S), z_T = jax.lax.scan(step, init, _tiles(W, b, codec, tile))
   lse = m + jnp.log(s)
   log_joint = z_x0 - lse
   # S_j >= exp(z_x0 - m); the max keeps log P_j finite if every term underflowed.
@@ -82,22 +82,24 @@ def _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=Fa
   return log_joint, log_marg, lse, z_T
 
 
+def _weighted(log_joint, log_marg, y, w, codec, with_nelbo):
+  paper = -w * log_joint
+  masked = y == codec.mask_id
+  nelbo = -w * jnp.sum(jnp.where(masked, log_marg, 0.0), axis=-1) if with_nelbo else paper * 0
+  return paper, nelbo
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def _losses(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
   log_joint, log_marg, _, _ = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile)
-  masked = (y == codec.mask_id)
-  paper = -w * log_joint
-  nelbo = -w * jnp.sum(jnp.where(masked, log_marg, 0.0), axis=-1) if with_nelbo else paper * 0
-  return paper, nelbo
+  return _weighted(log_joint, log_marg, y, w, codec, with_nelbo)
 
 
 def _losses_fwd(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
   log_joint, log_marg, lse, z_T = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile,
                                            keep_logits)
-  masked = (y == codec.mask_id)
-  paper = -w * log_joint
-  nelbo = -w * jnp.sum(jnp.where(masked, log_marg, 0.0), axis=-1) if with_nelbo else paper * 0
-  return (paper, nelbo), (h, W, b, x0, y, w, lse, jnp.exp(log_marg), z_T)
+  return (_weighted(log_joint, log_marg, y, w, codec, with_nelbo),
+          (h, W, b, x0, y, w, lse, jnp.exp(log_marg), z_T))
 
 
 def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangents):
@@ -105,10 +107,8 @@ def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangent
   g_paper, g_nelbo = cotangents
   N, D = h.shape
   K = codec.ell
-  digits, classes, num = _tiles(codec, tile)
-  pad = num * tile - W.shape[1]
-  W_T = jnp.pad(W, ((0, 0), (0, pad))).reshape(D, num, tile).transpose(1, 0, 2)
-  b_T = jnp.pad(b, (0, pad)).reshape(num, tile)
+  W_T, b_T, classes, digits = _tiles(W, b, codec, tile)
+  num = classes.shape[0]
   x0_digits = codec.encode(x0)
   masked = (y == codec.mask_id).astype(jnp.float32)  # (N, K)
   a = (-w * g_paper)[:, None]
