@@ -5,7 +5,10 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 ASSET_GROUPS ?= text
+# The tests use every offline asset (text, images, FID network, scorer LM).
+TEST_ASSET_GROUPS ?= text images scorer
 
 .PHONY: run test setup assets clean-venv
 
@@ -14,6 +17,11 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
+
+# Test-only dependencies (torch CPU wheel and transformers, for parity tests against PyTorch).
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $(TEST_STAMP)
 
 setup: $(STAMP)
 
@@ -24,7 +32,8 @@ run: assets
 	$(PY) -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu --mode train
 
 # pytest exits 5 when it collected nothing: that must fail, not pass silently.
-test: assets
+test: $(TEST_STAMP)
+	$(PY) -m prime_jax.data.assets fetch $(TEST_ASSET_GROUPS)
 	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 

@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 1
 
   c.model = ml_collections.ConfigDict()
+  c.model.name = 'dit'  # dit (text) | unet (images; data.source must be an image source)
   c.model.dim = 768
   c.model.num_heads = 12
   c.model.num_layers = 12
@@ -21,7 +22,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.time_conditioning = False  # the reference forces sigma = 0 (SPEC 2.1)
   c.model.scan_layers = False
   c.model.remat = False
+  c.model.head_bias_init = ''  # 'unigram': start the head at log p(token) of the training data
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32 ('bfloat16' on TPU/GPU)
+  # model.name = 'unet': the discrete UNet (SPEC 8.2); the defaults are the paper's CIFAR-10 model.
+  # dropout, time_conditioning, remat and dtype above apply to it too.
+  c.model.unet = ml_collections.ConfigDict()
+  c.model.unet.model_channels = 96
+  c.model.unet.channel_mult = (3, 4, 4)
+  c.model.unet.num_res_blocks = 5
+  c.model.unet.attention_resolutions = (2,)  # downsampling factors with self-attention
+  c.model.unet.head_channels = 64
+  c.model.unet.norm_groups = 32
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.vocab_size = 50257  # GPT-2 BPE
@@ -29,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.shuffle_seed = -1  # >= 0: MDM-Prime-v2 index shuffling with this seed
   c.diffusion.schedule = 'loglinear'
   c.diffusion.schedule_eps = 1e-3
+  c.diffusion.schedule_n = 3.0  # 'poly' only: alpha = (1 - t)**n (images: n = 3)
   c.diffusion.sampling_eps = 1e-3  # t ~ U[eps, 1)
   c.diffusion.antithetic = True
   c.diffusion.carry_over = True
@@ -40,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 1024
   c.data.batch_size = 512  # global, in sequences
   c.data.worker_count = 0
+  c.data.random_flip = False  # images: random horizontal flip of training images
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4
@@ -67,6 +80,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 0  # 0 = data.batch_size
   c.eval.use_ema = True
   c.eval.seed = 0
+  c.eval.num_t = 1  # stratified diffusion times per sequence (fixed seed: deterministic)
+
+  # The image sampler (SPEC 5.3): the reference's flags, in its flow-matching time u = 1 - t.
+  # The defaults are the plain sampler; the image configs carry the paper's tuned rows (SPEC 11.3).
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.num_steps = 512  # NFE grid size
+  c.sampler.temperature = (1.0, 0.0, 0.0)  # [a, b', c]: logits / (a u**b' + c)
+  c.sampler.corrector = (0.0, 0.0, 0.0)  # [c0, c1, c2]: kappa(u) = c0 u**c1 (1 - u)**c1 (c2 unused)
+  c.sampler.timestep = (1.0, 0.0, 0.0)  # [a, b', c]: u -> 1 - a (1 - u)**b' + c
+  c.sampler.carry_over = False  # per-digit marginal updates (the reference image 'carry_over')
+  c.sampler.use_corrector = False
+  c.sampler.use_timestep_scheduler = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

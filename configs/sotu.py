@@ -18,6 +18,7 @@ def get_config(arg: str = ''):
   c.model.num_heads = 4
   c.model.num_layers = 4
   c.model.dropout = 0.0
+  c.model.head_bias_init = 'unigram'
   c.data.source = 'sotu'
   c.data.seq_len = 64
   c.data.batch_size = 32

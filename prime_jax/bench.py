@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 
@@ -22,8 +23,9 @@ def run(cfg, *, steps: int = 5) -> dict[str, float]:
   tr = train_lib.Trainer(cfg, workdir='')
   state = train_lib.init_state(cfg, tr.codec, tr.tx, tr.mesh, tr.shardings)
   rng = np.random.default_rng(0)
-  B, L = cfg.data.batch_size, cfg.data.seq_len
-  local = {'tokens': rng.integers(0, tr.codec.vocab_size, size=(B // jax.process_count(), L))}
+  B, S = cfg.data.batch_size, tr.token_shape  # S = (L,) text, (H, W, channels) images
+  L = math.prod(S)  # tokens per example
+  local = {'tokens': rng.integers(0, tr.codec.vocab_size, size=(B // jax.process_count(), *S))}
   batch = tr.global_batch(local)
   t0 = time.time()
   state, m = tr.train_step(state, batch)

@@ -24,9 +24,10 @@ from flax import nnx
 
 from prime_jax import checkpoint as checkpoint_lib
 from prime_jax import sharding as sharding_lib
-from prime_jax.diffusion import forward, fused_head, objectives, schedules, subtokens
+from prime_jax.diffusion import (forward, fused_head, objectives, parameterization, schedules,
+                                 subtokens)
 from prime_jax.metrics import writer as writer_lib
-from prime_jax.models import dit
+from prime_jax.models import dit, unet
 
 
 @flax.struct.dataclass
@@ -46,6 +47,7 @@ class Task:
   objective: str
   sampling_eps: float
   antithetic: bool
+  image: bool = False  # UNet on a (H, W, channels) token grid: logits are materialised (C = 256)
 
 
 # -- building blocks from the config ----------------------------------------------------------------
@@ -62,14 +64,46 @@ def build_task(cfg: ml_collections.ConfigDict) -> Task:
   if d.objective not in ('nelbo', 'paper'):
     raise ValueError(f"diffusion.objective must be 'nelbo' or 'paper', got {d.objective!r}.")
   kw = {'eps': d.schedule_eps} if d.schedule == 'loglinear' else {}
+  if d.schedule == 'poly':
+    kw = {'n': d.get('schedule_n', 3.0)}
   return Task(codec=build_codec(cfg), schedule=schedules.get(d.schedule, **kw),
               carry_over=bool(d.carry_over), objective=d.objective,
-              sampling_eps=float(d.sampling_eps), antithetic=bool(d.antithetic))
+              sampling_eps=float(d.sampling_eps), antithetic=bool(d.antithetic),
+              image=is_image(cfg))
 
 
-def build_model(cfg: ml_collections.ConfigDict, codec: subtokens.Codec, rngs: nnx.Rngs) -> dit.DiT:
+def is_image(cfg: ml_collections.ConfigDict) -> bool:
+  """Images (UNet, token grid (H, W, channels)) or text (DiT, (L,)); the two must agree."""
+  from prime_jax.data import images  # pylint: disable=import-outside-toplevel
+  name, image_data = cfg.model.get('name', 'dit'), images.is_image_source(cfg.data.source)
+  if name not in ('dit', 'unet'):
+    raise ValueError(f"model.name must be 'dit' (text) or 'unet' (images), got {name!r}.")
+  if (name == 'unet') != image_data:
+    raise ValueError(f'model.name={name!r} does not fit data.source={cfg.data.source!r}: use '
+                     f"'unet' for the image sources {sorted(images.SOURCES)} and 'dit' for text.")
+  return name == 'unet'
+
+
+def token_shape(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The token grid S of one example: (L,) for text, (H, W, channels) for images."""
+  if is_image(cfg):
+    from prime_jax.data import images  # pylint: disable=import-outside-toplevel
+    return images.image_shape(cfg.data.source)
+  return (cfg.data.seq_len,)
+
+
+def build_model(cfg: ml_collections.ConfigDict, codec: subtokens.Codec,
+                rngs: nnx.Rngs) -> dit.DiT | unet.UNet:
   m = cfg.model
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[m.dtype]
+  if is_image(cfg):
+    u = m.unet
+    return unet.UNet(vocab_size=codec.vocab_size, base=codec.base, ell=codec.ell,
+                     image_channels=token_shape(cfg)[-1], model_channels=u.model_channels,
+                     channel_mult=tuple(u.channel_mult), num_res_blocks=u.num_res_blocks,
+                     attention_resolutions=tuple(u.attention_resolutions),
+                     head_channels=u.head_channels, dropout=m.dropout, norm_groups=u.norm_groups,
+                     time_conditioning=m.time_conditioning, remat=m.remat, dtype=dtype, rngs=rngs)
   return dit.DiT(vocab_size=codec.vocab_size, base=codec.base, ell=codec.ell, dim=m.dim,
                  num_heads=m.num_heads, num_layers=m.num_layers, cond_dim=m.cond_dim,
                  mlp_ratio=m.mlp_ratio, dropout=m.dropout, time_conditioning=m.time_conditioning,
@@ -110,19 +144,51 @@ def diffusion_losses(params, graphdef, x0_BxL, key, task: Task, *, train: bool,
   t_B = forward.sample_times(k_t, B, eps=task.sampling_eps, antithetic=task.antithetic)
   y_t = forward.mask(k_mask, codec.encode(x0_BxL), t_B, schedule=task.schedule,
                      mask_id=codec.mask_id)
+  return losses_at(params, graphdef, x0_BxL, t_B, y_t, task, train=train, dropout_key=k_drop,
+                   with_nelbo=with_nelbo)
+
+
+def losses_at(params, graphdef, x0_BxL, t_B, y_t, task: Task, *, train: bool = False,
+              dropout_key=None, with_nelbo: bool = True):
+  """Per-token {'nelbo', 'paper'} (B, L) at given times t_B and noisy sub-tokens y_t."""
   model = nnx.merge(graphdef, params)
-  h_BxLxD = model.features(y_t, deterministic=not train, rngs=nnx.Rngs(dropout=k_drop))
+  rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
+  h_BxLxD = model.features(y_t, deterministic=not train, rngs=rngs)
   kernel_DxC, bias_C = model.head_params()
   # The head, carry-over filter and both objectives, tiled over the vocabulary: no (B, L, C)
   # logits are materialised (equal to objectives.fused_losses on model(y_t); tested).
-  return fused_head.head_losses(h_BxLxD, kernel_DxC, bias_C, x0_BxL, y_t, t_B, codec,
+  return fused_head.head_losses(h_BxLxD, kernel_DxC, bias_C, x0_BxL, y_t, t_B, task.codec,
                                 schedule=task.schedule, carry_over=task.carry_over,
                                 with_nelbo=with_nelbo)
 
 
+def image_losses(params, graphdef, x0_BxHxWxC, key, task: Task, *, train: bool):
+  """Draws t and y_t, runs the UNet; per-token losses (B, H, W, C):
+    'nelbo'      the valid bound (SPEC 4.3), what NLL / BPD report;
+    'paper'      the reference image training loss: unweighted -log p(x0 | y_t) at every token;
+    'paper_nll'  the reference's NLL estimator (SPEC 7.4): the weighted joint, not a bound for ell > 1.
+  C = 256 classes are few, so the logits are materialised and the core objectives used as they are.
+  """
+  k_t, k_mask, k_drop = jax.random.split(key, 3)
+  codec = task.codec
+  t_B = forward.sample_times(k_t, x0_BxHxWxC.shape[0], eps=task.sampling_eps,
+                             antithetic=task.antithetic)
+  y_t = forward.mask(k_mask, codec.encode(x0_BxHxWxC), t_B, schedule=task.schedule,
+                     mask_id=codec.mask_id)
+  model = nnx.merge(graphdef, params)
+  logits = model(y_t, t_B, deterministic=not train, rngs=k_drop)
+  log_p = parameterization.log_probs(logits, y_t, codec, carry_over=task.carry_over)
+  return {'nelbo': objectives.nelbo(log_p, x0_BxHxWxC, y_t, t_B, codec, schedule=task.schedule),
+          'paper': objectives.image_paper_loss(log_p, x0_BxHxWxC),
+          'paper_nll': objectives.paper_loss(log_p, x0_BxHxWxC, t_B, schedule=task.schedule)}
+
+
 def training_loss(params, graphdef, x0_BxL, key, task: Task):
-  per_token = diffusion_losses(params, graphdef, x0_BxL, key, task, train=True,
-                               with_nelbo=task.objective == 'nelbo')
+  if task.image:
+    per_token = image_losses(params, graphdef, x0_BxL, key, task, train=True)
+  else:
+    per_token = diffusion_losses(params, graphdef, x0_BxL, key, task, train=True,
+                                 with_nelbo=task.objective == 'nelbo')
   means = {k: objectives.token_mean(v) for k, v in per_token.items()}
   return means[task.objective], means
 
@@ -148,9 +214,12 @@ def train_step(state: TrainState, batch, *, graphdef, task: Task, tx, ema_decay_
 
 
 def eval_step(params, batch, key, *, graphdef, task: Task):
-  """Sums over the real (unpadded) sequences of the batch, per original token."""
-  per_token = diffusion_losses(params, graphdef, batch['tokens'], key, task, train=False)
-  w_BxL = jnp.broadcast_to(batch['mask'][:, None], batch['tokens'].shape).astype(jnp.float32)
+  """Sums over the real (unpadded) examples of the batch, per original token (any token grid)."""
+  losses = image_losses if task.image else diffusion_losses
+  per_token = losses(params, graphdef, batch['tokens'], key, task, train=False)
+  tokens = batch['tokens']
+  w_BxL = jnp.broadcast_to(batch['mask'].reshape((-1,) + (1,) * (tokens.ndim - 1)),
+                           tokens.shape).astype(jnp.float32)
   sums = {k: jnp.sum(v * w_BxL) for k, v in per_token.items()}
   return dict(sums, tokens=jnp.sum(w_BxL))
 
@@ -188,14 +257,35 @@ def state_shardings(cfg, codec, tx, mesh):
   return graphdef, abs_state, sh
 
 
-def init_state(cfg, codec, tx, mesh, shardings):
-  def init():
+def head_bias_prior(cfg) -> np.ndarray | None:
+  """log p(token) of the add-one-smoothed training unigram, when `model.head_bias_init='unigram'`.
+
+  With the zero-initialised head kernel the model then starts at the unigram distribution instead
+  of the uniform one, so the first few hundred steps go to context rather than token frequencies
+  (a data-dependent initialisation; it changes no equation of the method).
+  """
+  mode = cfg.model.get('head_bias_init', '')
+  if not mode:
+    return None
+  if mode != 'unigram':
+    raise ValueError(f"model.head_bias_init must be '' or 'unigram', got {mode!r}.")
+  from prime_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  counts = np.asarray(pipeline.unigram_counts(cfg.data.source, 'train', cfg.data.seq_len,
+                                              data_dir=cfg.data.data_dir or None), np.float64)
+  return np.log((counts + 1.0) / (counts.sum() + counts.size)).astype(np.float32)
+
+
+def init_state(cfg, codec, tx, mesh, shardings, head_bias_C: np.ndarray | None = None):
+  def init(bias_C):
     model = build_model(cfg, codec, nnx.Rngs(params=cfg.seed))
+    if bias_C is not None:
+      b = model.final.head.bias
+      b[...] = b[...].at[:codec.vocab_size].set(bias_C)
     params = nnx.state(model, nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema=params)
   del mesh  # the NamedShardings carry it
-  return jax.jit(init, out_shardings=shardings)()
+  return jax.jit(init, out_shardings=shardings)(head_bias_C)
 
 
 def count_params(abs_params) -> int:
@@ -249,7 +339,8 @@ class Trainer:
     self.tx, self.lr = make_optimizer(cfg.optim, cfg.train.num_steps)
     self.graphdef, self.abs_state, self.shardings = state_shardings(cfg, self.codec, self.tx,
                                                                     self.mesh)
-    batch_sh = {'tokens': sharding_lib.batch_sharding(self.mesh)}
+    self.token_shape = token_shape(cfg)  # (L,) text, (H, W, channels) images
+    batch_sh = {'tokens': sharding_lib.batch_sharding(self.mesh, 1 + len(self.token_shape))}
     self.train_step = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, task=self.task, tx=self.tx,
                           ema_decay_max=cfg.optim.ema_decay, seed=cfg.seed),
@@ -264,10 +355,21 @@ class Trainer:
         self.abs_state.params) if 'embed' in jax.tree_util.keystr(p).lower()
         and 'table' in jax.tree_util.keystr(p).lower())
     self.flops_per_token = train_flops_per_token(cfg, self.codec, self.n_params - emb)
+    if self.task.image:  # forward + backward = 3 x the forward FLOPs, per colour-channel token
+      model = nnx.merge(self.graphdef, self.abs_state.params)  # shapes only
+      self.flops_per_token = 3.0 * model.forward_flops(*self.token_shape[:2]) / math.prod(
+          self.token_shape)
+    self._evaluator = None
 
   def data_iterator(self, split: str, *, train: bool, batch: int):
     from prime_jax.data import pipeline  # not needed by --mode bench
     d = self.cfg.data
+    if self.task.image:
+      from prime_jax.data import images  # pylint: disable=import-outside-toplevel
+      return images.make_image_pipeline(
+          d.source, split, batch_size=batch // jax.process_count(), seed=self.cfg.seed,
+          train=train, worker_count=d.worker_count, data_dir=d.data_dir or None,
+          pad_final_batch=not train, random_flip=d.get('random_flip', False))
     return pipeline.make_text_pipeline(
         d.source, split, seq_len=d.seq_len, batch_size=batch // jax.process_count(),
         seed=self.cfg.seed, train=train, worker_count=d.worker_count, data_dir=d.data_dir or None,
@@ -281,25 +383,43 @@ class Trainer:
     return sharding_lib.global_batch(arrays, self.mesh)
 
   def evaluate(self, params) -> dict[str, float]:
-    """Valid bound (nelbo) and the authors' objective, token means over the validation split."""
+    """Valid bound (nelbo) and the authors' objective, token means over the validation split.
+
+    The same deterministic, mesh-independent estimator as `--mode eval` (prime_jax.evaluate).
+    """
+    if self.task.image:
+      return self.evaluate_images(params)
+    if self._evaluator is None:
+      from prime_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+      self._evaluator = evaluate_lib.Evaluator(self.cfg, self.mesh, self.graphdef,
+                                               self.shardings.params, self.task)
+    return self._evaluator.run(params)
+
+  def evaluate_images(self, params) -> dict[str, float]:
+    """Images: one t per image (stratified over the batch), keys folded from (eval.seed, batch).
+
+    'nll' is the valid bound in nats per colour-channel token and 'bpd' = nll / ln 2; the
+    reference's training loss ('paper_objective') and NLL estimator ('paper_nll', 'paper_bpd', not a
+    bound for ell > 1) stand beside it.
+    """
     cfg = self.cfg
     it = self.data_iterator(cfg.eval.split, train=False, batch=self.eval_batch)
-    sums, n = {'nelbo': 0.0, 'paper': 0.0, 'tokens': 0.0}, 0
+    sums, n = {}, 0
     for i, local in enumerate(it):
       if cfg.eval.num_batches and i >= cfg.eval.num_batches:
         break
       key = jax.random.fold_in(jax.random.key(cfg.eval.seed), i)
-      m = jax.device_get(self.eval_step(params, self.global_batch(local), key))
-      for k in sums:
-        sums[k] += float(m[k])
+      for k, v in jax.device_get(self.eval_step(params, self.global_batch(local), key)).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
       n += 1
-    if sums['tokens'] == 0:
-      raise ValueError(f'The {cfg.eval.split} split of {cfg.data.source} is empty at sequence '
-                       f'length {cfg.data.seq_len}.')
-    nll = sums['nelbo'] / sums['tokens']
-    return {'nll': nll, 'bpt': float(objectives.nats_to_bits(nll)), 'ppl_bound': math.exp(nll),
-            'paper_objective': sums['paper'] / sums['tokens'], 'batches': n,
-            'tokens': sums['tokens']}
+    tokens = sums.get('tokens', 0.0)
+    if tokens == 0:
+      raise ValueError(f'The {cfg.eval.split} split of {cfg.data.source} is empty.')
+    nll, paper_nll = sums['nelbo'] / tokens, sums['paper_nll'] / tokens
+    return {'nll': nll, 'bpd': float(objectives.bits_per_dim(nll)),
+            'paper_objective': sums['paper'] / tokens, 'paper_nll': paper_nll,
+            'paper_bpd': float(objectives.bits_per_dim(paper_nll)), 'batches': n,
+            'tokens': tokens}
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
@@ -321,13 +441,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     state, _ = ckpt.restore(tr.abs_state, data_iterator=train_iter)
     writer.print(f'Resumed from step {int(state.step)} in {ckpt.directory}')
   else:
-    state = init_state(cfg, tr.codec, tr.tx, tr.mesh, tr.shardings)
+    state = init_state(cfg, tr.codec, tr.tx, tr.mesh, tr.shardings, head_bias_prior(cfg))
   writer.print(f'MDM-Prime: C={tr.codec.vocab_size} ell={tr.codec.ell} base={tr.codec.base} '
                f'params={tr.n_params:,} objective={cfg.diffusion.objective} '
                f'carry_over={cfg.diffusion.carry_over} mesh={dict(tr.mesh.shape)} '
                f'devices={jax.device_count()} ({jax.devices()[0].device_kind})')
   peak = peak_flops_per_device(cfg) * jax.device_count()
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  tokens_per_step = cfg.data.batch_size * math.prod(tr.token_shape)
   start_step = int(state.step)
   t_last, step_last = time.time(), start_step
   t_start = t_last
@@ -359,9 +479,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
       params = state.ema if cfg.eval.use_ema else state.params
       last_eval = tr.evaluate(params)
       writer.write(done, last_eval, prefix='eval/')
-      writer.print(f'eval step {done}: NLL {last_eval["nll"]:.4f} nats/token, '
-                   f'PPL <= {last_eval["ppl_bound"]:.2f} (valid bound); authors\' objective '
-                   f'{last_eval["paper_objective"]:.4f}')
+      if tr.task.image:
+        writer.print(f'eval step {done}: NLL {last_eval["nll"]:.4f} nats/dim, BPD <= '
+                     f'{last_eval["bpd"]:.4f} (valid bound); authors\' objective '
+                     f'{last_eval["paper_objective"]:.4f}, authors\' BPD estimate '
+                     f'{last_eval["paper_bpd"]:.4f} (not a bound for ell > 1)')
+      else:
+        writer.print(f'eval step {done}: NLL {last_eval["nll"]:.4f} nats/token, '
+                     f'PPL <= {last_eval["ppl_bound"]:.2f} (valid bound); authors\' objective '
+                     f'{last_eval["paper_objective"]:.4f}')
     if done % cfg.train.ckpt_every == 0 or done == cfg.train.num_steps:
       if not bool(jax.device_get(metrics['finite'])):
         raise FloatingPointError(f'Non-finite loss at step {done}; not checkpointing.')

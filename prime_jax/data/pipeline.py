@@ -47,6 +47,9 @@ class _ToTokens:
     self.seq_len, self.vocab_size, self.with_mask = seq_len, vocab_size, with_mask
 
   def __call__(self, record: Any) -> dict[str, np.ndarray]:
+    index = None
+    if self.with_mask:  # evaluation records arrive as (global index, record)
+      index, record = record
     if isinstance(record, (bytes, bytearray, memoryview)):
       row = np.frombuffer(record, np.uint16)
     else:
@@ -58,6 +61,7 @@ class _ToTokens:
     out = {'tokens': row.astype(np.int32)}
     if self.with_mask:
       out['mask'] = np.bool_(True)
+      out['index'] = np.int32(index)  # evaluation randomness is keyed on it, not on the layout
     return out
 
 
@@ -67,8 +71,9 @@ class _Padding:
   def __init__(self, seq_len: int, fill: int):
     self.seq_len, self.fill = seq_len, fill
 
-  def __call__(self, _: Any) -> dict[str, np.ndarray]:
-    return {'tokens': np.full((self.seq_len,), self.fill, np.int32), 'mask': np.bool_(False)}
+  def __call__(self, k: Any) -> dict[str, np.ndarray]:
+    return {'tokens': np.full((self.seq_len,), self.fill, np.int32), 'mask': np.bool_(False),
+            'index': np.int32(-1 - int(k))}
 
 
 def _ensure_flags_parsed() -> None:
@@ -111,8 +116,11 @@ def make_pipeline(sequences: Sequence[Any], *, seq_len: int, batch_size: int, se
   if num_records == 0:
     raise ValueError('The source holds no sequences; use a larger corpus or a shorter seq_len.')
 
-  ds = grain.MapDataset.source(sequences)[shard_index::shard_count]
   with_mask = pad_final_batch and not train
+  ds = grain.MapDataset.source(sequences)
+  if with_mask:
+    ds = ds.map_with_index(lambda i, record: (i, record))
+  ds = ds[shard_index::shard_count]
   if train:
     if len(ds) == 0:
       raise ValueError(f'Host shard {shard_index}/{shard_count} of {num_records} sequences is '
@@ -139,10 +147,11 @@ def make_text_pipeline(source: str, split: str, *, seq_len: int, batch_size: int
                        shard_count: Optional[int] = None, worker_count: int = 0,
                        data_dir: Optional[str] = None,
                        pad_final_batch: bool = False) -> grain.DatasetIterator:
-  """The training/evaluation input of a text source ('sotu', 'moby_dick', 'owt', 'lm1b').
+  """The training/evaluation input of a text source (`text.SOURCES`: 'sotu', 'moby_dick', 'owt',
+  'lm1b' and the zero-shot sets of `zeroshot.ZERO_SHOT`, e.g. 'wikitext2', 'lambada').
 
-  owt and lm1b need `data_dir` (prepared shards / TFDS folder); a missing corpus raises an error
-  that says how to prepare or fetch it.
+  owt, lm1b and the zero-shot files need `data_dir` (prepared shards / TFDS folder / local files);
+  a missing corpus raises an error that says how to prepare or fetch it.
   """
   sequences = text.sequence_source(source, split, seq_len, data_dir=data_dir)
   return make_pipeline(sequences, seq_len=seq_len, batch_size=batch_size, seed=seed, train=train,

@@ -13,8 +13,11 @@ Sources (SPLITS lists the split names; aliases in `canonical_split`):
   moby_dick  Moby-Dick chapters; a zero-shot set, one split 'all'.
   owt        OpenWebText prepared on disk by `python -m prime_jax.data.text prepare` (ArrayRecord).
   lm1b       LM1B through `tfds.data_source` (ArrayRecord prepared by TFDS), GPT-2 tokenized.
+  wikitext2, wikitext103, ptb, lambada, ag_news, pubmed, arxiv
+             the zero-shot sets of `zeroshot.py` (local files under data_dir, or TFDS), each
+             with the reference's detokenizer; `zeroshot.ZERO_SHOT` lists them with their splits.
 
-Wrapped arrays of sotu/moby_dick/lm1b are cached as uint16 .npy files (C < 2**16) keyed by source,
+Wrapped arrays of every source but owt are cached as uint16 .npy files (C < 2**16) keyed by source,
 split, L and the content they came from, so the second run does not re-tokenize.
 """
 
@@ -33,21 +36,24 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from prime_jax.data import assets
+from prime_jax.data import assets, zeroshot
 from prime_jax.data.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, check_ids, get_tokenizer
+from prime_jax.data.zeroshot import lm1b_detokenize  # with the other detokenizers
 
-SOURCES = ('sotu', 'moby_dick', 'owt', 'lm1b')
+SOURCES = ('sotu', 'moby_dick', 'owt', 'lm1b') + zeroshot.FILE_SOURCES
 SPLITS = {
     'sotu': ('train', 'validation'),
     'moby_dick': ('all',),
     'owt': ('train', 'validation'),
     'lm1b': ('train', 'test'),
+    **zeroshot.FILE_SPLITS,
 }
 _ALIASES = {
     'sotu': {'valid': 'validation'},
     'moby_dick': {'validation': 'all', 'valid': 'all', 'test': 'all'},
     'owt': {'valid': 'validation'},
     'lm1b': {'validation': 'test', 'valid': 'test'},
+    **zeroshot.FILE_ALIASES,
 }
 DOCS_PER_GROUP = 1000
 SOTU_VAL_FRACTION = 0.1
@@ -153,15 +159,6 @@ def moby_dick_documents() -> list[tuple[int, str]]:
   for f in assets.path('moby_dick').glob('chapter_*.txt'):
     chapters.append((int(f.stem.split('_')[1]), f.read_text(encoding='utf-8')))
   return sorted(chapters)
-
-
-def lm1b_detokenize(text: str) -> str:
-  """Undo LM1B's space-separated punctuation before GPT-2 tokenization (SPEC 10, own rule set)."""
-  text = re.sub(r' ([.,!?;:%)\]}])', r'\1', text)  # no space before closing punctuation
-  text = re.sub(r'([(\[{$£]) ', r'\1', text)  # none after opening brackets and currency
-  text = re.sub(r" (n't|'s|'re|'ve|'ll|'m|'d)\b", r'\1', text)  # clitics join their word
-  text = re.sub(r'" ([^"]*?) "', r'"\1"', text)  # quoted spans hug their quotes
-  return text.replace(' / ', '/').replace(' - ', '-')
 
 
 def _lm1b_source(split: str, data_dir: Optional[str]) -> tuple[Any, str]:
@@ -271,12 +268,16 @@ def _wrapped_path(source: str, split: str, seq_len: int, data_dir: Optional[str]
     ds, identity = _lm1b_source(split, data_dir)
     return _cached_path(source, split, seq_len, identity,
                         lambda: _tokenize_and_wrap(_lm1b_texts(ds), seq_len))
-  raise ValueError(f'{source!r} is not a cached-array source (sotu, moby_dick, lm1b).')
+  if source in zeroshot.FILE_SOURCES:
+    identity, load = zeroshot.locate(source, split, data_dir)
+    return _cached_path(source, split, seq_len, identity,
+                        lambda: _tokenize_and_wrap(load(), seq_len))
+  raise ValueError(f'{source!r} is not a cached-array source (every source but owt).')
 
 
 def wrapped_tokens(source: str, split: str, seq_len: int, *,
                    data_dir: Optional[str] = None) -> np.ndarray:
-  """(N, L) uint16 wrapped sequences of sotu, moby_dick or lm1b (memory-mapped from the cache)."""
+  """(N, L) uint16 wrapped sequences of any source but owt (memory-mapped from the cache)."""
   return np.load(_wrapped_path(source, split, seq_len, data_dir), mmap_mode='r')
 
 

@@ -32,6 +32,8 @@ class MetricWriter:
       return
     row = {'step': int(step), 'time': time.time()}
     for k, v in metrics.items():
+      if isinstance(v, str):  # labels (e.g. the evaluated source) are not scalars to plot
+        continue
       v = float(np.asarray(v))
       row[prefix + k] = v
       self._tb.add_scalar(prefix + k, v, int(step))

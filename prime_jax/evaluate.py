@@ -1,0 +1,364 @@
+"""Evaluation of checkpoints: the valid likelihood bound, text sampling, generative perplexity.
+
+  python -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu --mode eval
+  python -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu --mode sample
+
+Dimension key: B batch, L tokens per sequence, K sub-tokens per token, J time samples per sequence.
+
+Likelihood. Every sequence gets J stratified times t_j = eps + (1 - eps)(j + u)/J with one offset u
+per sequence, and independent masks; all of it is drawn from keys folded from (seed, the sequence's
+global index, j). The estimate is therefore deterministic and the same on any mesh, batch size or
+host count. We report per original token (never per sub-token): the valid bound `nelbo` as NLL
+nats, bits and "PPL <= exp(NLL)", and the authors' objective beside it under its own name (it is
+not a bound for ell > 1, SPEC 4.3).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from prime_jax import checkpoint as checkpoint_lib
+from prime_jax import sharding as sharding_lib
+from prime_jax import train as train_lib
+from prime_jax.diffusion import forward, objectives, samplers
+
+# -- likelihood -------------------------------------------------------------------------------------
+
+
+def eval_times(key_B: jax.Array, num_t: int, eps: float) -> jax.Array:
+  """(B, J) stratified times, one random offset per sequence: J equal strata of [eps, 1)."""
+  u_B = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0xA11CE)))(key_B)
+  j_J = jnp.arange(num_t, dtype=jnp.float32)
+  t_BxJ = eps + (1.0 - eps) * (u_B[:, None] + j_J[None, :]) / num_t
+  return jnp.clip(t_BxJ, eps, jnp.nextafter(jnp.float32(1.0), 0.0))
+
+
+def eval_sums(params, batch: dict, *, graphdef, task: train_lib.Task, num_t: int,
+              seed: int) -> dict:
+  """Sums of the per-token losses over the real rows of a batch, averaged over J time samples.
+
+  batch: tokens (B, L) int32, mask (B,) bool (False for padding), index (B,) int32 global sequence
+  index (the randomness is keyed on it).
+  """
+  x0_BxL = batch['tokens']
+  key_B = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(batch['index'])
+  t_BxJ = eval_times(key_B, num_t, task.sampling_eps)
+  y0 = task.codec.encode(x0_BxL)
+  w_BxL = jnp.broadcast_to(batch['mask'][:, None], x0_BxL.shape).astype(jnp.float32)
+
+  def one(j, acc):
+    t_B = t_BxJ[:, j]
+    y_t = jax.vmap(lambda k, y, t: forward.mask(jax.random.fold_in(k, j), y[None], t[None],
+                                                schedule=task.schedule,
+                                                mask_id=task.codec.mask_id)[0])(key_B, y0, t_B)
+    per_token = train_lib.losses_at(params, graphdef, x0_BxL, t_B, y_t, task)
+    return {k: acc[k] + jnp.sum(per_token[k] * w_BxL) for k in acc}
+
+  zero = {'nelbo': jnp.float32(0.0), 'paper': jnp.float32(0.0)}
+  sums = jax.lax.fori_loop(0, num_t, one, zero)
+  return {'nelbo': sums['nelbo'] / num_t, 'paper': sums['paper'] / num_t,
+          'tokens': jnp.sum(w_BxL)}
+
+
+class Evaluator:
+  """Compiled likelihood evaluation on a mesh; `run` evaluates one source/split."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, mesh, graphdef, param_shardings,
+               task: train_lib.Task, *, num_t: Optional[int] = None, seed: Optional[int] = None):
+    self.cfg, self.mesh, self.task = cfg, mesh, task
+    self.num_t = int(num_t or cfg.eval.get('num_t', 1))
+    self.seed = int(cfg.eval.seed if seed is None else seed)
+    if self.num_t < 1:
+      raise ValueError(f'eval.num_t={self.num_t} must be >= 1 (time samples per sequence).')
+    self.batch = cfg.eval.batch_size or cfg.data.batch_size
+    sharding_lib.check_batch(self.batch, mesh)
+    row = sharding_lib.batch_sharding(mesh, 1)
+    batch_sh = {'tokens': sharding_lib.batch_sharding(mesh), 'mask': row, 'index': row}
+    self.step = jax.jit(functools.partial(eval_sums, graphdef=graphdef, task=task,
+                                          num_t=self.num_t, seed=self.seed),
+                        in_shardings=(param_shardings, batch_sh))
+
+  def run(self, params, source: Optional[str] = None, split: Optional[str] = None, *,
+          num_batches: Optional[int] = None, data_dir: Optional[str] = None,
+          progress: bool = False) -> dict[str, Any]:
+    from prime_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    cfg = self.cfg
+    source = source or cfg.data.source
+    split = split or cfg.eval.split
+    num_batches = cfg.eval.num_batches if num_batches is None else num_batches
+    data_dir = data_dir if data_dir is not None else (cfg.data.data_dir or None)
+    it = pipeline.make_text_pipeline(source, split, seq_len=cfg.data.seq_len,
+                                     batch_size=self.batch // jax.process_count(), seed=0,
+                                     train=False, data_dir=data_dir, pad_final_batch=True)
+    total = math.ceil(pipeline.num_sequences(source, split, cfg.data.seq_len, data_dir)
+                      / self.batch)
+    if num_batches:
+      total = min(total, num_batches)
+    bar = _progress(total, f'eval {source}/{split}') if progress else None
+    sums = {'nelbo': 0.0, 'paper': 0.0, 'tokens': 0.0}
+    n, t0 = 0, time.time()
+    for local in it:
+      if n >= total:
+        break
+      self.task.codec.check(local['tokens'])
+      arrays = {'tokens': np.asarray(local['tokens'], np.int32),
+                'mask': np.asarray(local['mask'], bool),
+                'index': np.asarray(local['index'], np.int32)}
+      m = jax.device_get(self.step(params, sharding_lib.global_batch(arrays, self.mesh)))
+      for k in sums:
+        sums[k] += float(m[k])
+      n += 1
+      if bar is not None:
+        bar.update(1)
+    if bar is not None:
+      bar.close()
+    if sums['tokens'] == 0:
+      raise ValueError(f'The {split} split of {source} is empty at sequence length '
+                       f'{cfg.data.seq_len}.')
+    return summarize(sums, source=source, split=split, batches=n, num_t=self.num_t,
+                     seed=self.seed, wall_s=time.time() - t0)
+
+
+def summarize(sums: dict, **extra) -> dict[str, Any]:
+  nll = sums['nelbo'] / sums['tokens']
+  return dict(nll=nll, bpt=float(objectives.nats_to_bits(nll)), ppl_bound=math.exp(nll),
+              paper_objective=sums['paper'] / sums['tokens'], tokens=int(sums['tokens']), **extra)
+
+
+def format_result(r: dict) -> str:
+  return (f"{r['source']}/{r['split']}: NLL <= {r['nll']:.4f} nats/token ({r['bpt']:.4f} bits), "
+          f"PPL <= {r['ppl_bound']:.2f} (valid bound); authors' objective {r['paper_objective']:.4f} "
+          f"(not a bound for ell > 1); {r['tokens']:,} tokens, {r['num_t']} t/sequence")
+
+
+def _progress(total: int, desc: str):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, desc=desc, unit='batch', disable=jax.process_index() != 0,
+              mininterval=2.0)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+class Restored:
+  """A checkpoint restored for evaluation: the mesh, the model definition and its weights."""
+
+  def __init__(self, cfg, workdir: str, *, step: Optional[int] = None, use_ema: bool = True,
+               devices=None):
+    self.cfg, self.workdir = cfg, workdir
+    sharding_lib.maybe_initialize_distributed()
+    self.mesh = sharding_lib.make_mesh(dict(cfg.mesh), devices)
+    self.task = train_lib.build_task(cfg)
+    self.codec = self.task.codec
+    tx, _ = train_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
+    self.graphdef, abs_state, self.shardings = train_lib.state_shardings(cfg, self.codec, tx,
+                                                                         self.mesh)
+    ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    available = ckpt.manager.all_steps()
+    if not available:
+      raise FileNotFoundError(
+          f'No checkpoint in {ckpt.directory}: train first (python -m prime_jax.main --config ... '
+          f'--workdir {workdir}) or pass the --workdir that holds one.')
+    if step is not None and step not in available:
+      raise ValueError(f'No checkpoint for step {step} in {ckpt.directory}; available steps: '
+                       f'{sorted(available)}.')
+    state, _ = ckpt.restore(abs_state, step=step)
+    ckpt.close()
+    self.step = int(state.step)
+    self.use_ema = use_ema
+    self.params = state.ema if use_ema else state.params
+    self.param_shardings = self.shardings.params
+
+  def model(self):
+    return nnx.merge(self.graphdef, self.params)
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+
+def _logits_fn(graphdef):
+  def fn(params, y_BxLxK):
+    return nnx.merge(graphdef, params)(y_BxLxK)
+  return fn
+
+
+def sample_text(cfg, graphdef, params, *, num_samples: int, batch_size: int, steps: int,
+                nucleus_p: float = 1.0, precision: str = 'fp64', cache: bool = True,
+                prefix_len: int = 0, seed: int = 0, carry_over: Optional[bool] = None,
+                progress: bool = False) -> tuple[list[dict], dict]:
+  """Unconditional (prefix_len=0) or prefix-conditional samples of length data.seq_len.
+
+  Prefixes are the first `prefix_len` positions (BOS included) of successive validation
+  sequences. Returns (records, summary): a record per sample with text and token ids, and the
+  NFE, idle steps, wall time and samples/s of the batches (NFE and idle steps are per batch: a
+  step is idle when no sub-token of the whole batch changes).
+  """
+  from prime_jax.data import pipeline, tokenizer  # pylint: disable=import-outside-toplevel
+  task = train_lib.build_task(cfg)
+  codec = task.codec
+  L = cfg.data.seq_len
+  if not 0 <= prefix_len < L:
+    raise ValueError(f'prefix_len={prefix_len} must be in [0, seq_len={L}).')
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError(f'num_samples={num_samples} and batch_size={batch_size} must be >= 1.')
+  carry_over = task.carry_over if carry_over is None else carry_over
+  prefixes = None
+  if prefix_len:
+    it = pipeline.make_text_pipeline(cfg.data.source, cfg.eval.split, seq_len=L,
+                                     batch_size=batch_size, seed=0, train=False,
+                                     data_dir=cfg.data.data_dir or None, pad_final_batch=True)
+    rows = []
+    for b in it:
+      rows.extend(np.asarray(b['tokens'])[np.asarray(b['mask'])])
+      if len(rows) >= num_samples:
+        break
+    if len(rows) < num_samples:
+      raise ValueError(f'The {cfg.eval.split} split has only {len(rows)} sequences for '
+                       f'{num_samples} prefixes; ask for fewer samples.')
+    prefixes = np.stack(rows[:num_samples]).astype(np.int32)
+  tok = tokenizer.get_tokenizer()
+  fn = _logits_fn(graphdef)
+  records, nfe, idle, batches = [], [], [], 0
+  bar = _progress(num_samples, 'sampling') if progress else None
+  t0 = time.time()
+  compile_s = None
+  for start in range(0, num_samples, batch_size):
+    key = jax.random.fold_in(jax.random.key(seed), start)
+    condition = None
+    if prefixes is not None:
+      cond = np.zeros((batch_size, L), np.int32)
+      n = min(batch_size, num_samples - start)
+      cond[:n] = prefixes[start:start + n]
+      keep = np.zeros((batch_size, L), bool)
+      keep[:, :prefix_len] = True
+      condition = (jnp.asarray(cond), jnp.asarray(keep))
+    tb = time.time()
+    out = samplers.sample(key, fn, codec, shape=(batch_size, L), num_steps=steps,
+                          carry_over=carry_over, nucleus_p=nucleus_p, precision=precision,
+                          cache=cache, condition=condition, params=params)
+    tokens = np.asarray(jax.device_get(out.tokens))
+    if compile_s is None:
+      compile_s = time.time() - tb
+    nfe.append(int(out.nfe))
+    idle.append(int(out.idle_steps))
+    batches += 1
+    for r in range(min(batch_size, num_samples - start)):
+      ids = tokens[r].tolist()
+      records.append({'index': start + r, 'prefix_len': prefix_len, 'text': tok.decode(ids),
+                      'tokens': ids})
+      if bar is not None:
+        bar.update(1)
+  if bar is not None:
+    bar.close()
+  wall = time.time() - t0
+  summary = dict(num_samples=num_samples, batch_size=batch_size, seq_len=L, steps=steps,
+                 nucleus_p=nucleus_p, precision=precision, cache=cache, prefix_len=prefix_len,
+                 carry_over=carry_over, ell=codec.ell, nfe_per_batch=float(np.mean(nfe)),
+                 idle_steps_per_batch=float(np.mean(idle)),
+                 idle_fraction=float(np.mean(idle)) / steps,
+                 expected_idle_fraction_per_sequence=samplers.expected_idle_fraction(
+                     steps, L * codec.ell),
+                 wall_s=wall, first_batch_s_with_compile=compile_s,
+                 samples_per_s=num_samples / wall if wall > 0 else float('nan'))
+  if prefixes is not None:
+    kept = all(r['tokens'][:prefix_len] == prefixes[i, :prefix_len].tolist()
+               for i, r in enumerate(records))
+    summary['prefix_kept'] = bool(kept)
+  return records, summary
+
+
+# -- the --mode entry points ------------------------------------------------------------------------
+
+
+def _write_json(path: str, obj: Any) -> None:
+  checkpoint_lib.write_json(path, obj)
+
+
+def run_eval(cfg, workdir: str, *, step: Optional[int] = None, sets: Sequence[str] = (),
+             num_t: Optional[int] = None, num_batches: Optional[int] = None,
+             data_dir: Optional[str] = None, use_ema: bool = True) -> dict[str, Any]:
+  """--mode eval: restores a checkpoint and evaluates the validation split and zero-shot sets."""
+  r = Restored(cfg, workdir, step=step, use_ema=use_ema)
+  ev = Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task, num_t=num_t)
+  targets = [(cfg.data.source, cfg.eval.split)] + [_parse_set(s) for s in sets]
+  results = []
+  for source, split in targets:
+    res = ev.run(r.params, source, split, num_batches=num_batches if source == cfg.data.source
+                 else (num_batches or 0), data_dir=data_dir, progress=True)
+    res.update(step=r.step, weights='ema' if use_ema else 'raw')
+    results.append(res)
+    if jax.process_index() == 0:
+      print(format_result(res), flush=True)
+  out = {'step': r.step, 'workdir': workdir, 'ell': r.codec.ell, 'results': results}
+  path = os.path.join(workdir, f'eval_step{r.step}.json')
+  _write_json(path, out)
+  if jax.process_index() == 0:
+    print(f'wrote {path}', flush=True)
+  return out
+
+
+def _parse_set(spec: str) -> tuple[str, str]:
+  if ':' in spec:
+    source, split = spec.split(':', 1)
+    return source, split
+  try:
+    from prime_jax.data import zeroshot  # pylint: disable=import-outside-toplevel
+    return spec, zeroshot.default_split(spec)
+  except (ImportError, AttributeError, KeyError):
+    return spec, 'all' if spec == 'moby_dick' else 'validation'
+
+
+def run_sample(cfg, workdir: str, *, step: Optional[int] = None, num_samples: int = 16,
+               batch_size: int = 8, steps: Optional[int] = None, nucleus_p: float = 1.0,
+               precision: str = 'fp64', cache: bool = True, prefix_len: int = 0, seed: int = 0,
+               scorer: str = '', scorer_path: Optional[str] = None,
+               use_ema: bool = True) -> dict[str, Any]:
+  """--mode sample: writes samples JSONL and a summary JSON; optionally generative perplexity."""
+  r = Restored(cfg, workdir, step=step, use_ema=use_ema)
+  steps = steps or cfg.data.seq_len
+  records, summary = sample_text(cfg, r.graphdef, r.params, num_samples=num_samples,
+                                 batch_size=batch_size, steps=steps, nucleus_p=nucleus_p,
+                                 precision=precision, cache=cache, prefix_len=prefix_len,
+                                 seed=seed, progress=True)
+  summary.update(step=r.step, weights='ema' if use_ema else 'raw')
+  if scorer:
+    summary['generative'] = score_samples([rec['text'] for rec in records], scorer, scorer_path)
+  tag = f'samples_step{r.step}_T{steps}_{precision}' + (f'_p{prefix_len}' if prefix_len else '')
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, tag + '.jsonl'), 'w') as f:
+      for rec in records:
+        f.write(json.dumps(rec) + '\n')
+  _write_json(os.path.join(workdir, tag + '.json'), summary)
+  if jax.process_index() == 0:
+    print(format_sampling(summary), flush=True)
+    print(f'wrote {os.path.join(workdir, tag)}.jsonl/.json', flush=True)
+  return summary
+
+
+def format_sampling(s: dict) -> str:
+  line = (f"{s['num_samples']} samples x {s['seq_len']} tokens, T={s['steps']} {s['precision']}"
+          f" (cache {'on' if s['cache'] else 'off'}): NFE {s['nfe_per_batch']:.1f}/batch, idle "
+          f"{s['idle_steps_per_batch']:.1f}/batch ({100 * s['idle_fraction']:.1f}%), "
+          f"{s['samples_per_s']:.3f} samples/s, wall {s['wall_s']:.1f} s")
+  g = s.get('generative')
+  if g:
+    line += (f"\ngenerative PPL {g['gen_ppl']:.2f} under {g['scorer']} (relative metric); "
+             f"unigram entropy {g['entropy_bits']:.3f} bits")
+  return line
+
+
+def score_samples(texts: Sequence[str], scorer: str, scorer_path: Optional[str] = None) -> dict:
+  from prime_jax.metrics import genppl  # pylint: disable=import-outside-toplevel
+  s = genppl.load_scorer(scorer, scorer_path)
+  return genppl.generative_perplexity(list(texts), s)

@@ -1,0 +1,178 @@
+"""Fréchet Inception Distance with the standard TF Inception-v3 (2015-12-05) pool3 features, in JAX.
+
+    feats = features(images_uint8)                # (N, 2048) float32, images (N, H, W, 1|3) uint8
+    mu, sigma = statistics(feats)                 # float64 mean and covariance
+    ref_mu, ref_sigma = reference_statistics('fashion_mnist', 'test', images_fn)   # cached .npz
+    score = fid(generated_images, ref_mu, ref_sigma)
+
+The network, its weights and its preprocessing (TF1 bilinear resize to 299x299, (x - 128) / 128) are
+in `prime_jax.metrics.inception`; see there for the exact conventions. FID is
+||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), computed in float64 with scipy's sqrtm.
+
+Inception Score is NOT available from this network: the TorchScript file carries only the pool3
+feature extractor (no 1008-way logits/softmax head), and IS needs class probabilities.
+
+FID is biased upwards at small N (it is only comparable between runs with the same N and the same
+reference statistics); the usual protocol is 50k generated images against the training set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+import scipy.linalg
+
+from prime_jax.metrics import inception as inception_lib
+
+_AUTO_PROGRESS_MIN = 1000  # show a progress bar from this many images on (progress=None)
+
+
+def _default_batch_size() -> int:
+  return 32 if jax.default_backend() == 'cpu' else 256
+
+
+def features(images: np.ndarray, *, batch_size: Optional[int] = None,
+             progress: Optional[bool] = None,
+             net: Optional[inception_lib.InceptionV3] = None) -> np.ndarray:
+  """pool3 features (N, 2048) float32 of uint8 images (N, H, W, 1 or 3) in [0, 255].
+
+  The jitted network sees fixed-size batches of min(batch_size, N) images (the last one is
+  zero-padded and the padding dropped), so one compilation serves a whole run. batch_size defaults
+  to 32 on CPU and 256 on accelerators. A tqdm bar shows from 1000 images on unless `progress`
+  says otherwise.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+    raise ValueError(f'expected uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}')
+  n = len(images)
+  if n == 0:
+    return np.zeros((0, inception_lib.FEATURE_DIM), np.float32)
+  net = net or inception_lib.get_inception()
+  bs = min(int(batch_size or _default_batch_size()), n)
+  if bs < 1:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  show = n >= _AUTO_PROGRESS_MIN if progress is None else progress
+  out = np.empty((n, inception_lib.FEATURE_DIM), np.float32)
+
+  from tqdm.auto import tqdm
+  with tqdm(total=n, unit='img', desc='FID features', disable=not show, leave=False) as bar:
+    pending = None  # keep one batch in flight while the previous result is copied out
+    for start in range(0, n, bs):
+      chunk = images[start:start + bs]
+      count = len(chunk)
+      if count < bs:
+        chunk = np.concatenate([chunk, np.zeros((bs - count,) + chunk.shape[1:], np.uint8)])
+      result = net(chunk)
+      if pending is not None:
+        _drain(out, *pending, bar)
+      pending = (start, count, result)
+    _drain(out, *pending, bar)
+  return out
+
+
+def _drain(out: np.ndarray, start: int, count: int, result: jax.Array, bar) -> None:
+  out[start:start + count] = np.asarray(result)[:count]
+  bar.update(count)
+
+
+def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma): float64 mean (D,) and unbiased covariance (D, D) of features (N, D), N >= 2."""
+  feats = np.asarray(feats, np.float64)
+  if feats.ndim != 2 or len(feats) < 2:
+    raise ValueError(f'statistics need features (N >= 2, D), got shape {feats.shape}')
+  return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     *, eps: float = 1e-6) -> float:
+  """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64.
+
+  If the product is too singular for sqrtm to return finite values, eps * I is added to both
+  covariances. A negligible imaginary part of sqrtm (round-off) is dropped; a large one (diagonal
+  imaginary part above 1e-3) raises ValueError.
+  """
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+  sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+  d = mu1.shape[0]
+  if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+    raise ValueError(f'shape mismatch: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} '
+                     f'{sigma2.shape}')
+  diff = mu1 - mu2
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+  if not np.isfinite(covmean).all():
+    offset = np.eye(d) * eps
+    covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+  if np.iscomplexobj(covmean):
+    imag = np.abs(np.diagonal(covmean).imag).max()
+    if imag > 1e-3:
+      raise ValueError(f'sqrtm(sigma1 sigma2) has an imaginary component of {imag:.3g}: the '
+                       'covariances are not valid (or far too singular)')
+    covmean = covmean.real
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fid(images: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, **features_kw) -> float:
+  """FID of uint8 images (N, H, W, 1|3) against reference statistics; kwargs go to `features`."""
+  mu, sigma = statistics(features(images, **features_kw))
+  return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+
+
+# ----------------------------------------------------------------------------- reference statistics
+
+
+def _stats_dir() -> Path:
+  from prime_jax.data import assets
+  return assets.cache_dir() / 'fid_stats'  # inside the git-ignored asset cache
+
+
+def _slug(s: str) -> str:
+  return re.sub(r'[^A-Za-z0-9_.-]+', '_', str(s)).strip('.') or '_'
+
+
+def reference_statistics(dataset: str, split: str, images_fn: Callable[[], np.ndarray], *,
+                         max_images: Optional[int] = None,
+                         **features_kw) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) of a data set's features, cached as .npz under `<asset cache>/fid_stats/`.
+
+  `images_fn()` returns the uint8 images (N, H, W, 1|3); it is only called on a cache miss, and
+  its first `max_images` images are used. The cache key is (dataset, split, max_images or 'all',
+  digest of the Inception asset, preprocessing version): a different weight file or convention
+  never reuses old statistics. Files are written atomically.
+  """
+  from prime_jax.data import assets
+  digest = assets.stamp_digest('inception')
+  count = 'all' if max_images is None else str(int(max_images))
+  key = f'{_slug(dataset)}-{_slug(split)}-n{count}-{digest}-{inception_lib.FEATURE_VERSION}'
+  folder = _stats_dir()
+  path = folder / f'{key}.npz'
+  if path.is_file():
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        if str(z['key']) == key:
+          return z['mu'], z['sigma']
+    except (OSError, ValueError, KeyError):
+      pass  # unreadable or foreign file: recompute and overwrite
+  images = np.asarray(images_fn())
+  if max_images is not None:
+    if len(images) < max_images:
+      raise ValueError(f'{dataset}/{split} has {len(images)} images, fewer than '
+                       f'max_images={max_images}')
+    images = images[:max_images]
+  mu, sigma = statistics(features(images, **features_kw))
+  folder.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{key}-', suffix='.npz', dir=folder)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, mu=mu, sigma=sigma, key=np.array(key), count=np.array(len(images)))
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  return mu, sigma

@@ -1,0 +1,156 @@
+"""--mode eval and --mode sample: determinism, mesh independence, exactness, output files."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prime_jax import evaluate
+from prime_jax import train as train_lib
+from prime_jax.data import pipeline
+from prime_jax.diffusion import exact, schedules
+from tests.test_train import tiny_config
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny model trained for a few real SOTU steps, checkpointed in a workdir."""
+  workdir = str(tmp_path_factory.mktemp('eval') / 'run')
+  cfg = tiny_config(**{'train.num_steps': 3, 'train.eval_every': 3, 'train.ckpt_every': 3,
+                       'data.seq_len': 16, 'eval.num_batches': 1})
+  train_lib.train_and_evaluate(cfg, workdir)
+  return cfg, workdir
+
+
+def test_eval_deterministic_and_seed_dependent(trained):
+  cfg, workdir = trained
+  r = evaluate.Restored(cfg, workdir)
+  ev = evaluate.Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task, num_t=2)
+  a = ev.run(r.params, num_batches=2)
+  b = ev.run(r.params, num_batches=2)
+  assert a['nll'] == b['nll'] and a['paper_objective'] == b['paper_objective']
+  other = evaluate.Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task, num_t=2, seed=7)
+  c = other.run(r.params, num_batches=2)
+  assert c['nll'] != a['nll']
+  assert a['tokens'] == 2 * cfg.eval.batch_size * cfg.data.seq_len
+  assert np.isclose(a['ppl_bound'], np.exp(a['nll'])) and np.isclose(a['bpt'], a['nll'] / np.log(2))
+
+
+def test_eval_independent_of_mesh_and_batch(trained):
+  cfg, workdir = trained
+  one = evaluate.Restored(cfg, workdir, devices=jax.devices()[:1])
+  eight = evaluate.Restored(cfg, workdir)
+  assert eight.mesh.size == 8
+  ev1 = evaluate.Evaluator(cfg, one.mesh, one.graphdef, one.param_shardings, one.task, num_t=2)
+  ev8 = evaluate.Evaluator(cfg, eight.mesh, eight.graphdef, eight.param_shardings, eight.task,
+                           num_t=2)
+  r1 = ev1.run(one.params, num_batches=2)
+  r8 = ev8.run(eight.params, num_batches=2)
+  np.testing.assert_allclose(r8['nll'], r1['nll'], rtol=1e-5)
+  np.testing.assert_allclose(r8['paper_objective'], r1['paper_objective'], rtol=1e-5)
+  # Randomness is keyed on the sequence index: half the batch size, same sequences, same numbers.
+  cfg2 = tiny_config(**{'data.seq_len': 16, 'eval.batch_size': 4})
+  ev4 = evaluate.Evaluator(cfg2, one.mesh, one.graphdef, one.param_shardings, one.task, num_t=2)
+  r4 = ev4.run(one.params, num_batches=4)
+  np.testing.assert_allclose(r4['nll'], r1['nll'], rtol=1e-5)
+
+
+def test_whole_split_counts_every_real_token_once(trained):
+  cfg, workdir = trained
+  r = evaluate.Restored(cfg, workdir)
+  ev = evaluate.Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task)
+  res = ev.run(r.params, 'sotu', 'validation', num_batches=0)
+  n = pipeline.num_sequences('sotu', 'validation', cfg.data.seq_len)
+  assert res['tokens'] == n * cfg.data.seq_len
+
+
+def test_estimate_approaches_exact_expectation():
+  """Tiny codec and model: the many-sample estimator converges to the enumerated expectation."""
+  cfg = tiny_config(**{'diffusion.vocab_size': 7, 'data.seq_len': 2, 'model.dim': 16,
+                       'model.num_heads': 2, 'model.num_layers': 1})
+  task = train_lib.build_task(cfg)
+  codec = task.codec
+  assert (codec.base, codec.ell) == (3, 2)
+  model = train_lib.build_model(cfg, codec, nnx.Rngs(params=3))
+  head = model.final.head
+  head.kernel[...] = jax.random.normal(jax.random.key(1), head.kernel[...].shape)
+  graphdef, params = nnx.split(model, nnx.Param)
+  x0 = np.array([[4, 6]], np.int32)
+  y0 = np.asarray(codec.encode(jnp.asarray(x0)))[0]  # (L, K)
+  patterns = exact.mask_patterns(x0.shape[1] * codec.ell)  # (P, L*K) True = masked
+  y_P = np.where(patterns.reshape(-1, 2, codec.ell), codec.mask_id, y0[None]).astype(np.int32)
+  x_P = np.repeat(x0, len(y_P), axis=0)
+
+  @jax.jit
+  def losses(t):
+    t_P = jnp.full((len(y_P),), t, jnp.float32)
+    out = train_lib.losses_at(params, graphdef, jnp.asarray(x_P), t_P, jnp.asarray(y_P), task)
+    return {k: v.mean(axis=1) for k, v in out.items()}
+
+  eps = task.sampling_eps
+  want = {k: exact.expected_objective(lambda t, k=k: np.asarray(losses(t)[k], np.float64),
+                                      patterns, task.schedule, eps, 1.0, num_nodes=96)
+          for k in ('nelbo', 'paper')}
+  B = 512
+  batch = {'tokens': jnp.asarray(np.repeat(x0, B, axis=0)), 'mask': jnp.ones((B,), bool),
+           'index': jnp.arange(B, dtype=jnp.int32)}
+  run = jax.jit(lambda p, b, s: evaluate.eval_sums(p, b, graphdef=graphdef, task=task, num_t=64,
+                                                   seed=s), static_argnums=2)
+  est = {'nelbo': [], 'paper': []}
+  for seed in range(8):
+    got = run(params, batch, seed)
+    for k in est:
+      est[k].append(float(got[k] / got['tokens']))
+  for k, v in est.items():
+    mean, se = np.mean(v), np.std(v, ddof=1) / np.sqrt(len(v))
+    assert se < 0.02 * want[k], (k, se)  # precise enough for the comparison to mean something
+    assert abs(mean - want[k]) < 4 * se + 1e-3, (k, mean, se, want[k])
+  # The two objectives differ (ell = 2) by far more than the error: the check can tell them apart.
+  assert abs(np.mean(est['nelbo']) - want['paper']) > 0.1 * want['paper']
+  # The time average matters: the same estimator at one fixed t is far off.
+  assert abs(float(losses(0.9)['nelbo'].mean()) - want['nelbo']) > 0.05 * want['nelbo']
+
+
+def test_eval_mode_writes_results_and_rejects_other_config(trained):
+  cfg, workdir = trained
+  out = evaluate.run_eval(cfg, workdir, sets=['moby_dick'], num_t=1, num_batches=1)
+  assert [r['source'] for r in out['results']] == ['sotu', 'moby_dick']
+  with open(os.path.join(workdir, f"eval_step{out['step']}.json")) as f:
+    saved = json.load(f)
+  assert saved['results'][0]['nll'] == pytest.approx(out['results'][0]['nll'])
+  assert all(r['ppl_bound'] > 1 for r in saved['results'])
+  bigger = tiny_config(**{'data.seq_len': 16, 'model.dim': 64})
+  with pytest.raises(ValueError, match='does not match this config'):
+    evaluate.Restored(bigger, workdir)
+  with pytest.raises(ValueError, match='available steps'):
+    evaluate.Restored(cfg, workdir, step=999)
+
+
+@pytest.mark.parametrize('precision', ['fp64', 'fp32_hires'])
+def test_sample_mode_output(trained, precision):
+  cfg, workdir = trained
+  steps, prefix = 8, 5
+  summary = evaluate.run_sample(cfg, workdir, num_samples=3, batch_size=2, steps=steps,
+                                precision=precision, prefix_len=prefix, nucleus_p=0.9)
+  tag = f"samples_step{summary['step']}_T{steps}_{precision}_p{prefix}"
+  with open(os.path.join(workdir, tag + '.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == 3 and [r['index'] for r in records] == [0, 1, 2]
+  val = np.concatenate([b['tokens'][b['mask']] for b in pipeline.make_text_pipeline(
+      'sotu', 'validation', seq_len=16, batch_size=4, seed=0, train=False, pad_final_batch=True)
+      ][:1])
+  for i, r in enumerate(records):
+    assert len(r['tokens']) == 16 and all(0 <= t < 50257 for t in r['tokens'])
+    assert r['tokens'][:prefix] == val[i, :prefix].tolist()
+    assert isinstance(r['text'], str) and r['text']
+  assert summary['prefix_kept']
+  # Every step either calls the network or is idle; one more call when masks survive t_min.
+  nfe, idle = summary['nfe_per_batch'], summary['idle_steps_per_batch']
+  assert steps <= nfe + idle <= steps + 1
+  assert 0 < nfe <= steps + 1
+  with open(os.path.join(workdir, tag + '.json')) as f:
+    assert json.load(f)['num_samples'] == 3

@@ -1,0 +1,170 @@
+"""The discrete UNet (SPEC 8.2): paper parameter counts, shapes, init, embedding order, time."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prime_jax.diffusion import subtokens
+from prime_jax.models import unet
+
+# Widths 24 / 48: 3 colours x ell sub-token vectors of 8 / ell features for ell in {1, 2, 4}.
+TINY = dict(model_channels=24, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+            head_channels=24, dropout=0.0, norm_groups=8)
+
+
+def tiny(ell=2, channels=3, **kw):
+  codec = subtokens.Codec(256, ell)
+  return unet.UNet(base=codec.base, ell=ell, image_channels=channels, **dict(TINY, **kw),
+                   rngs=nnx.Rngs(0)), codec
+
+
+def random_y(codec, shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, codec.base + 1,
+                                                          shape + (codec.ell,)))
+
+
+def perturb(model, seed=1, scale=0.05):
+  """Gives every parameter (zero-initialised ones included) a random nonzero value."""
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  nnx.update(model, jax.tree.unflatten(treedef, new))
+  return model
+
+
+@pytest.mark.parametrize('ell,expected', [(1, 113_997_315), (2, 113_965_680), (4, 113_964_984)])
+def test_paper_parameter_counts(ell, expected):
+  """SPEC 8.2, counted on abstract shapes (nothing allocated). ell = 1 is MDM (257-way output)."""
+  codec = subtokens.Codec(256, ell)
+  assert unet.count_params(base=codec.base, ell=ell, **unet.preset('paper')) == expected
+
+
+def test_every_parameter_has_logical_axis_names():
+  model, _ = tiny()
+  params = nnx.state(model, nnx.Param)
+  specs = jax.tree.leaves(nnx.get_partition_spec(params),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  leaves = jax.tree.leaves(params)
+  assert len(specs) == len(leaves) > 20
+  for spec, x in zip(specs, leaves):
+    assert len(spec) == x.ndim and all(n in unet.LOGICAL_AXIS_NAMES for n in spec), spec
+
+
+def test_shapes_dtype_and_uniform_logits_at_init():
+  model, codec = tiny()
+  y = random_y(codec, (2, 8, 8, 3))
+  logits = model(y)
+  assert logits.shape == (2, 8, 8, 3, 256) and logits.dtype == jnp.float32
+  # The zero-initialised output conv makes every logit 0: a uniform 256-way prediction.
+  np.testing.assert_array_equal(np.asarray(logits), 0.0)
+  perturb(model)
+  logits = np.asarray(model(y))
+  assert np.isfinite(logits).all() and logits.std() > 0
+  # bf16 compute still returns float32 logits.
+  bf16, _ = tiny(dtype=jnp.bfloat16)
+  assert perturb(bf16)(y).dtype == jnp.float32
+
+
+def test_mdm_head_has_a_mask_class_that_is_never_returned():
+  model, codec = tiny(ell=1)
+  assert codec.base == 256 and model.embed.table.shape == (257, 8)  # mask row included
+  assert model.out_conv.kernel.shape[-1] == 3 * 257
+  perturb(model)
+  assert model(random_y(codec, (1, 4, 4, 3))).shape == (1, 4, 4, 3, 256)
+
+
+def test_embedding_is_concatenated_in_colour_digit_feature_order():
+  model, codec = tiny(ell=2, channels=2)  # 24 channels = 2 colours x 2 digits x 6 features
+  perturb(model)
+  y = random_y(codec, (1, 4, 4, 2))
+  h = np.asarray(model.input_features(y))
+  table = np.asarray(model.embed.table[...])
+  assert table.shape == (codec.base + 1, 6) and h.shape == (1, 4, 4, 24)
+  for c in range(2):
+    for j in range(2):
+      want = table[np.asarray(y[..., c, j])]
+      np.testing.assert_array_equal(h[..., (2 * c + j) * 6:(2 * c + j + 1) * 6], want)
+
+
+def test_logits_depend_on_their_own_pixel_and_colour():
+  model, codec = tiny()
+  perturb(model)
+  y = random_y(codec, (1, 8, 8, 3))
+  y2 = y.at[0, 3, 5, 1].set((y[0, 3, 5, 1] + 1) % (codec.base + 1))
+  diff = np.abs(np.asarray(model(y2) - model(y))).max(axis=-1)[0]
+  assert diff[3, 5].max() > 0  # the changed pixel's prediction moves
+  assert (diff > 0).mean() > 0.5  # and, through convolutions and attention, most others too
+
+
+def test_time_independent_by_default_and_time_conditioned_on_request():
+  model, codec = tiny()
+  perturb(model)
+  y = random_y(codec, (2, 8, 8, 3))
+  a = model(y, jnp.array([0.1, 0.9]))
+  b = model(y, jnp.array([0.7, 0.2]))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(model(y)))
+  timed, _ = tiny(time_conditioning=True)
+  perturb(timed)
+  a = timed(y, jnp.array([0.1, 0.9]))
+  b = timed(y, jnp.array([0.7, 0.2]))
+  assert np.abs(np.asarray(a - b)).max() > 1e-4
+  with pytest.raises(ValueError, match='sigma'):
+    timed(y)
+  # The constant FiLM vector is 2 * D parameters per block (SPEC 8.2), no time MLP.
+  assert model.down[0].res.film.shape == (2 * 24,) and not hasattr(model, 'time_fc1')
+
+
+def test_dropout_needs_a_key_and_is_deterministic_given_one():
+  model, codec = tiny(dropout=0.5)
+  perturb(model)
+  y = random_y(codec, (1, 8, 8, 3))
+  with pytest.raises(ValueError, match='rngs'):
+    model(y, deterministic=False)
+  a = model(y, deterministic=False, rngs=jax.random.key(0))
+  b = model(y, deterministic=False, rngs=jax.random.key(0))
+  c = model(y, deterministic=False, rngs=jax.random.key(1))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.abs(np.asarray(a - c)).max() > 0
+  assert np.abs(np.asarray(a - model(y))).max() > 0
+
+
+def test_jit_and_remat_agree_with_eager():
+  model, codec = tiny()
+  perturb(model)
+  y = random_y(codec, (1, 4, 4, 3))
+  want = np.asarray(model(y))
+  graphdef, params = nnx.split(model)
+  got = jax.jit(lambda p: nnx.merge(graphdef, p)(y))(params)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  remat, _ = tiny(remat=True)
+  nnx.update(remat, nnx.state(model, nnx.Param))
+  np.testing.assert_allclose(np.asarray(remat(y)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_impossible_configurations_are_clear_errors():
+  with pytest.raises(ValueError, match='divisible by image_channels'):
+    tiny(ell=3)  # 24 channels / 3 colours / 3 digits
+  model, codec = tiny(channels=1, ell=2)
+  with pytest.raises(ValueError, match='not divisible by 2'):
+    model(random_y(codec, (1, 7, 7, 1)))
+  with pytest.raises(ValueError, match='groups'):
+    tiny(norm_groups=5)
+  with pytest.raises(ValueError, match='head_channels'):
+    tiny(head_channels=20)
+
+
+def test_forward_flops_scale_with_resolution():
+  model, _ = tiny(attention_resolutions=())
+  f8, f16 = model.forward_flops(8, 8), model.forward_flops(16, 16)
+  # Every term is per position except the middle block's attention, quadratic in T = H W / 4.
+  mid_attn8 = 4.0 * 16 * 16 * 48  # 2 * T * T * D for QK^T and as much for AV, D = 48
+  assert f16 - 16 * mid_attn8 == pytest.approx(4 * (f8 - mid_attn8))
+  # The 3 x 3 output conv alone: 2 * positions * 9 * D0 * C * 256.
+  assert f8 > 2 * 64 * 9 * 24 * 3 * 256
+  assert math.isfinite(unet.UNet.forward_flops(model, 28, 28))
