@@ -267,8 +267,8 @@ def sample_text(cfg, graphdef, params, *, num_samples: int, batch_size: int, ste
                  carry_over=carry_over, ell=codec.ell, nfe_per_batch=float(np.mean(nfe)),
                  idle_steps_per_batch=float(np.mean(idle)),
                  idle_fraction=float(np.mean(idle)) / steps,
-                 expected_idle_fraction_per_sequence=samplers.expected_idle_fraction(
-                     steps, L * codec.ell),
+                 expected_idle_fraction=samplers.expected_idle_fraction(
+                     batch_size * L * codec.ell, steps),
                  wall_s=wall, first_batch_s_with_compile=compile_s,
                  samples_per_s=num_samples / wall if wall > 0 else float('nan'))
   if prefixes is not None:
@@ -290,6 +290,17 @@ def run_eval(cfg, workdir: str, *, step: Optional[int] = None, sets: Sequence[st
              data_dir: Optional[str] = None, use_ema: bool = True) -> dict[str, Any]:
   """--mode eval: restores a checkpoint and evaluates the validation split and zero-shot sets."""
   r = Restored(cfg, workdir, step=step, use_ema=use_ema)
+  if r.task.image:  # images: BPD from the valid bound, on the validation split
+    res = train_lib.Trainer(cfg, workdir).evaluate(r.params)
+    res.update(source=cfg.data.source, split=cfg.eval.split, step=r.step,
+               weights='ema' if use_ema else 'raw')
+    out = {'step': r.step, 'workdir': workdir, 'ell': r.codec.ell, 'results': [res]}
+    if jax.process_index() == 0:
+      print(f"{cfg.data.source}/{cfg.eval.split}: NLL <= {res['nll']:.4f} nats/dim, BPD <= "
+            f"{res['bpd']:.4f} (valid bound); authors' objective {res['paper_objective']:.4f}",
+            flush=True)
+    _write_json(os.path.join(workdir, f'eval_step{r.step}.json'), out)
+    return out
   ev = Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task, num_t=num_t)
   targets = [(cfg.data.source, cfg.eval.split)] + [_parse_set(s) for s in sets]
   results = []

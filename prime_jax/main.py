@@ -1,7 +1,8 @@
 """Entry point: python -m prime_jax.main --config configs/X.py --workdir DIR [--mode MODE].
 
 Modes: train (resumes from WORKDIR), eval (valid-bound PPL of a checkpoint on the validation split
-and zero-shot sets), sample (text samples, NFE / idle steps, optional generative perplexity),
+and zero-shot sets), sample (text samples, NFE / idle steps, optional generative perplexity), fid (image samples
+with the paper's sampler, FID against the training set, a PNG grid),
 bench (synthetic batches: step time, tokens/s, MFU, memory).
 """
 
@@ -11,7 +12,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and results go here.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'bench'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'fid', 'bench'],
+                          'What to run.')
 _BENCH_STEPS = flags.DEFINE_integer('bench_steps', 5, 'Timed steps for --mode bench.')
 # --mode eval / sample
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
@@ -35,6 +37,11 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _SCORER = flags.DEFINE_string('scorer', '', "Generative-perplexity scorer: 'smollm2' (offline) or "
                               "'gpt2' (with --scorer_path to a Hugging Face folder); '' = none.")
 _SCORER_PATH = flags.DEFINE_string('scorer_path', None, 'Local weights folder for --scorer gpt2.')
+# --mode fid (images)
+_FID_REF = flags.DEFINE_integer('fid_ref_images', 0, 'Training images for the FID reference '
+                                'statistics (0 = the whole training set; cached).')
+_INPAINT = flags.DEFINE_bool('inpaint', False, '--mode fid: keep the left half of validation '
+                             'images and generate the right half.')
 
 
 def main(argv):
@@ -58,6 +65,12 @@ def main(argv):
     evaluate.run_eval(cfg, _WORKDIR.value, step=_STEP.value, sets=_SETS.value,
                       num_t=_NUM_T.value, num_batches=_NUM_BATCHES.value,
                       data_dir=_DATA_DIR.value, use_ema=not _RAW.value)
+  elif _MODE.value == 'fid':
+    from prime_jax import evaluate_images
+    evaluate_images.run_fid(cfg, _WORKDIR.value, step=_STEP.value, num_samples=_NUM_SAMPLES.value,
+                            batch_size=_SAMPLE_BATCH.value, num_steps=_STEPS.value,
+                            ref_images=_FID_REF.value, seed=_SEED.value, inpaint=_INPAINT.value,
+                            use_ema=not _RAW.value)
   elif _MODE.value == 'sample':
     from prime_jax import evaluate
     evaluate.run_sample(cfg, _WORKDIR.value, step=_STEP.value, num_samples=_NUM_SAMPLES.value,

@@ -300,7 +300,10 @@ def test_lm1b_through_tfds_mock_data(tmp_path, monkeypatch):
 
 
 def test_lm1b_detokenizer():
-  assert text.lm1b_detokenize('He said , " it is n\'t mine . "') == 'He said, "it isn\'t mine."'
+  # The reference's rules: "n't" stays split, clitics and punctuation join, quotes hug.
+  assert text.lm1b_detokenize('He said , " it is n\'t mine . "') == 'He said, "it is n\'t mine."'
+  assert text.lm1b_detokenize("it 's at http : / / x.org ; ok ?") == "it's at http://x.org; ok?"
+  assert text.lm1b_detokenize('a / b costs £ 3 [ sic ]') == 'a/b costs £3 [sic]'
   assert text.lm1b_detokenize('costs $ 5 ( or more ) !') == 'costs $5 (or more)!'
 
 

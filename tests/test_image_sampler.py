@@ -1,5 +1,6 @@
 """The reference image samplers (SPEC 5.3) with fake logits functions: exact chains, invariants."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -15,7 +16,8 @@ from prime_jax.diffusion import schedules
 from prime_jax.diffusion import subtokens
 
 Settings = im.ImageSamplerSettings
-# Models are cached so that tests share compiled samplers (the model is a static argument).
+# Models are cached, or take their tables as params, so that tests share compiled samplers
+# (the logits function is a static argument of the compiled loop).
 
 
 def chisq_pvalue(samples, probs):
@@ -39,23 +41,38 @@ def fixed_model(log_pi):
   return lambda y: jnp.broadcast_to(log_pi, y.shape[:-1] + log_pi.shape)
 
 
-def posterior_model(codec, log_pi):
-  """The exact denoiser of i.i.d. tokens x ~ pi: pi restricted to the classes consistent with y."""
-  log_pi = jnp.asarray(log_pi, jnp.float32)
-  return lambda y: jnp.where(parameterization.consistent(y, codec), log_pi,
-                             parameterization.NEG_INF)
-
-
 @functools.cache
-def table_model(codec, seed):
-  """One token per batch row (S = (1, 1, 1)); its logits are a random table lookup of its digits."""
-  K, b, C = codec.ell, codec.base, codec.vocab_size
-  table = 1.5 * np.random.default_rng(seed).normal(size=((b + 1)**K, C))
-  powers = jnp.asarray((b + 1)**np.arange(K)[::-1], jnp.int32)
+def table_fn(codec):
+  """logits_fn(table, y) for one token per batch row (S = (1, 1, 1)): its logits are the table row of
+  its digit state, table ((b+1)**K, C). The table is a params argument, so every table shares one
+  compiled sampler."""
+  powers = jnp.asarray((codec.base + 1)**np.arange(codec.ell)[::-1], jnp.int32)
+  return lambda table, y: table[jnp.sum(y * powers, axis=-1)]
 
-  def logits_fn(y):
-    return jnp.asarray(table, jnp.float32)[jnp.sum(y * powers, axis=-1)]
-  return logits_fn, table
+
+def states(codec):
+  return list(itertools.product(range(codec.base + 1), repeat=codec.ell))
+
+
+def random_table(codec, seed):
+  """A random state-dependent model (float32 values, as the sampler sees them)."""
+  shape = (len(states(codec)), codec.vocab_size)
+  return (1.5 * np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
+
+
+def posterior_table(codec, pi):
+  """The exact denoiser of i.i.d. tokens x ~ pi: pi restricted to the classes consistent with y."""
+  y = jnp.asarray(states(codec), jnp.int32)
+  ok = np.asarray(parameterization.consistent(y, codec))
+  return np.where(ok, np.log(pi), parameterization.NEG_INF).astype(np.float32)
+
+
+N_CHAIN, CHAIN_SHAPE = 20000, (20000, 1, 1, 1)
+
+
+def sample_table(table, codec, settings, key=1):
+  return im.sample(jax.random.key(key), table_fn(codec), codec, shape=CHAIN_SHAPE,
+                   settings=settings, params=jnp.asarray(table)).tokens
 
 
 # -- exact distribution of the discrete-time chain ---------------------------------------------------
@@ -64,8 +81,7 @@ def table_model(codec, seed):
 def exact_output_distribution(codec, table, st):
   """Forward enumeration of the sampler's chain for one token over all (b+1)**K digit states."""
   K, b, m, C = codec.ell, codec.base, codec.mask_id, codec.vocab_size
-  states = list(itertools.product(range(b + 1), repeat=K))
-  index = {s: i for i, s in enumerate(states)}
+  index = {s: i for i, s in enumerate(states(codec))}
   digits = codec.digits
   tab = st.step_tables()
 
@@ -170,30 +186,32 @@ def exact_output_distribution(codec, table, st):
   return out
 
 
+# Four compiled programs; the exact-denoiser and product tests reuse the first two.
+EULER_CORR = Settings(num_steps=4, schedule_n=2.0, temperature=(-0.5, 1.0, 1.2), use_corrector=True,
+                      corrector=(3.0, 0.5, 9.9), use_timestep_scheduler=True,
+                      timestep=(1.0, 0.8, 0.0))
+MARGINAL_CORR = Settings(num_steps=4, carry_over=True, temperature=(0.5, 2.0, 0.7),
+                         use_corrector=True, corrector=(2.0, 1.0, 0.0), precision='fp32_hires')
+
+
 @pytest.mark.parametrize('C,ell,settings', [
-    (4, 2, Settings(num_steps=4, schedule_n=2.0, temperature=(-0.5, 1.0, 1.2), use_corrector=True,
-                    corrector=(3.0, 0.5, 9.9), use_timestep_scheduler=True,
-                    timestep=(1.0, 0.8, 0.0))),
-    (4, 2, Settings(num_steps=4, temperature=(0.3, 0.5, 0.6), use_corrector=True,
-                    corrector=(1.0, 2.0, 0.0))),  # same compiled program, other numbers
-    (4, 2, Settings(num_steps=4, carry_over=True, temperature=(0.5, 2.0, 0.7),
-                    use_corrector=True, corrector=(2.0, 1.0, 0.0), precision='fp32_hires')),
+    (16, 2, EULER_CORR),
+    (16, 2, Settings(num_steps=4, temperature=(0.3, 0.5, 0.6), use_corrector=True,
+                     corrector=(1.0, 2.0, 0.0))),  # same program, other numbers
+    (16, 2, MARGINAL_CORR),
     (3, 2, Settings(num_steps=3, use_corrector=True, corrector=(1.0, 0.25, 0.0), invalid='keep')),
     (3, 2, Settings(num_steps=3, use_corrector=True, corrector=(1.0, 0.25, 0.0))),
     (3, 2, Settings(num_steps=3, carry_over=True)),
 ])
 def test_sampler_matches_exact_chain(C, ell, settings):
   codec = subtokens.Codec(C, ell)
-  logits_fn, table = table_model(codec, seed=C)
+  table = random_table(codec, seed=C)
   want = exact_output_distribution(codec, table, settings)
   assert sum(want.values()) == pytest.approx(1.0, abs=1e-9)
-  N = 20000
-  out = im.sample(jax.random.key(1), logits_fn, codec, shape=(N, 1, 1, 1), settings=settings)
-  size = max(max(want) + 1, codec.num_codes)
-  probs = np.zeros(size)
+  probs = np.zeros(max(max(want) + 1, codec.num_codes))
   for x, px in want.items():
     probs[x] = px
-  assert chisq_pvalue(out.tokens, probs) > 1e-4
+  assert chisq_pvalue(sample_table(table, codec, settings), probs) > 1e-4
   if codec.num_invalid:  # the chain itself emits invalid ids unless they are repaired
     assert (probs[C:].sum() > 1e-3) == (settings.invalid == 'keep')
 
@@ -280,14 +298,30 @@ def coupled_model(codec, seed=0):
   return fn
 
 
+@functools.cache
+def recording_model(codec, seed):
+  """coupled_model that also records every state it is called on (network evaluations)."""
+  base = coupled_model(codec, seed)
+  calls = []
+
+  def fn(y):
+    jax.debug.callback(lambda a: calls.append(np.asarray(a).copy()), y)
+    return base(y)
+  return fn, calls
+
+
+# Shared by the invariants and the cache tests (the same compiled programs).
+CACHE_T, CACHE_SHAPE = 16, (1, 2, 2, 3)
+
+
 def test_invariants_and_conditioning():
   codec = subtokens.Codec(256, 2)
-  shape = (2, 3, 3, 3)
-  st = Settings(num_steps=12, use_corrector=True, corrector=(8.0, 0.5, 0.0),
+  shape = CACHE_SHAPE
+  st = Settings(num_steps=CACHE_T, use_corrector=True, corrector=(8.0, 0.5, 0.0),
                 temperature=(-0.2, 1.0, 1.0))
   rng = np.random.default_rng(0)
   cond = (jnp.asarray(rng.integers(0, 256, shape), jnp.int32), jnp.asarray(rng.random(shape) < 0.5))
-  run = lambda key: im.sample(key, coupled_model(codec), codec, shape=shape, settings=st,
+  run = lambda key: im.sample(key, recording_model(codec, 3)[0], codec, shape=shape, settings=st,
                               condition=cond, decode=False)
   out = run(jax.random.key(3))
   y = np.asarray(out.tokens)
@@ -304,14 +338,16 @@ def test_invariants_and_conditioning():
   assert 1 <= int(out.nfe) <= st.num_steps
 
 
-# One small marginal + corrector case, shared by the next two tests (one compiled program).
+# One small case with the corrector, shared by the next two tests (one compiled program).
 SMALL_SHAPE = (1, 2, 1, 3)
-SMALL = dict(num_steps=3, carry_over=True, use_corrector=True, corrector=(4.0, 1.0, 0.0))
+SMALL = dict(num_steps=2, use_corrector=True, corrector=(4.0, 1.0, 0.0))
 
 
 def test_jit_equals_no_jit():
   codec = subtokens.Codec(256, 2)
-  st = Settings(**SMALL, temperature=(-0.15, 1.0, 1.0))
+  # The grid starts at u = 0.2 (not 0), so the one predictor step also runs a live corrector.
+  st = Settings(**SMALL, temperature=(-0.15, 1.0, 1.0), use_timestep_scheduler=True,
+                timestep=(1.0, 1.0, 0.2))
   cond = (jnp.asarray([[[[7, 0, 255]], [[0, 0, 0]]]], jnp.int32),
           jnp.asarray([[[[True, False, True]], [[False, False, False]]]]))
   run = lambda: im.sample(jax.random.key(5), coupled_model(codec, 1), codec, shape=SMALL_SHAPE,
@@ -343,26 +379,23 @@ def test_unit_temperature_and_identity_timestep_are_exact():
 
 
 def test_exact_denoiser_recovers_the_data_distribution():
-  """With the exact posterior of i.i.d. tokens, Euler Prime (with a corrector: its decisions do not
+  """With the exact posterior of i.i.d. tokens, Euler Prime with a corrector (its decisions do not
   depend on digit values) reproduces the joint pi; the marginal variant in one step only reproduces
   the product of pi's digit marginals. With one step the model is called at u = 0 only, where the
   temperature is tau(0) = a 0**b' + c = c: the flow-time convention."""
   codec = subtokens.Codec(16, 2)  # b = 4
   pi = np.random.default_rng(0).dirichlet(np.full(16, 0.7))
-  fn = posterior_model(codec, np.log(pi))
-  shape = (200, 4, 4, 1)
-  euler = im.sample(jax.random.key(0), fn, codec, shape=shape, settings=Settings(
-      num_steps=6, use_corrector=True, corrector=(2.0, 1.0, 0.0))).tokens
-  assert chisq_pvalue(euler, pi) > 1e-4
+  table = posterior_table(codec, pi)
+  untempered = dataclasses.replace(EULER_CORR, temperature=None)  # the same compiled program
+  assert chisq_pvalue(sample_table(table, codec, untempered), pi) > 1e-4
 
   def product_of_marginals(p):
     marg = [np.bincount(codec.digits[:, j], weights=p, minlength=4) for j in range(2)]
     return np.outer(marg[0], marg[1]).reshape(-1)
 
-  one_shot = lambda temperature: im.sample(
-      jax.random.key(1), fn, codec, shape=shape,
-      settings=Settings(num_steps=1, carry_over=True, temperature=temperature)).tokens
-  plain = one_shot((1.0, 0.0, 0.0))
+  one_shot = lambda temperature: sample_table(
+      table, codec, Settings(num_steps=1, carry_over=True, temperature=temperature))
+  plain = one_shot(None)
   assert chisq_pvalue(plain, product_of_marginals(pi)) > 1e-4
   assert chisq_pvalue(plain, pi) < 1e-6
   sharp = one_shot((5.0, 1.0, 0.5))  # tau(0) = 0.5: p ~ pi**2
@@ -371,14 +404,17 @@ def test_exact_denoiser_recovers_the_data_distribution():
 
 
 def test_marginal_variant_reproduces_a_product_distribution_over_digits():
-  """A fixed model (ignores y, no corrector) whose class distribution factorises over the digits."""
-  codec = subtokens.Codec(64, 3)  # b = 4
-  rng = np.random.default_rng(1)
-  digit_p = rng.dirichlet(np.ones(4), size=3)
-  pi = np.prod([digit_p[j][codec.digits[:, j]] for j in range(3)], axis=0)
-  out = im.sample(jax.random.key(2), fixed_model(np.log(pi)), codec, shape=(150, 4, 4, 3),
-                  settings=Settings(num_steps=5, carry_over=True)).tokens
+  """pi factorises over the digits: independent digit draws lose nothing, so the marginal variant
+  (here with a corrector and the exact posterior as the model) reproduces pi."""
+  codec = subtokens.Codec(16, 2)  # b = 4
+  digit_p = np.random.default_rng(1).dirichlet(np.ones(4), size=2)
+  pi = digit_p[0][codec.digits[:, 0]] * digit_p[1][codec.digits[:, 1]]
+  untempered = dataclasses.replace(MARGINAL_CORR, temperature=None)  # the same compiled program
+  out = sample_table(posterior_table(codec, pi), codec, untempered)
   assert chisq_pvalue(out, pi) > 1e-4
+  non_product = np.random.default_rng(2).dirichlet(np.full(16, 0.5))
+  out = sample_table(posterior_table(codec, non_product), codec, untempered)
+  assert chisq_pvalue(out, non_product) < 1e-6  # digits drawn independently: the joint is lost
 
 
 # -- caching and the corrector's kappa = 0 ----------------------------------------------------------
@@ -390,17 +426,14 @@ def test_cache_and_the_zero_kappa_corrector():
   never remasks and its masked set stays inside the predictor-only one, strictly smaller at times.
   A strong corrector does remask."""
   codec = subtokens.Codec(256, 2)
-  T, shape = 16, (1, 2, 2, 3)
-  calls = []
-  base = coupled_model(codec, 3)
-
-  def fn(y):
-    jax.debug.callback(lambda a: calls.append(np.asarray(a).copy()), y)
-    return base(y)
+  T, shape = CACHE_T, CACHE_SHAPE
+  fn, calls = recording_model(codec, 3)
 
   def run(**kw):
+    jax.effects_barrier()
     calls.clear()
-    out = im.sample(jax.random.key(6), fn, codec, shape=shape, settings=Settings(num_steps=T, **kw))
+    out = im.sample(jax.random.key(6), fn, codec, shape=shape, settings=Settings(num_steps=T, **kw),
+                    decode=False)  # as the invariants test: one compiled program for both
     jax.effects_barrier()
     return out, np.stack(calls) == codec.mask_id  # masked sub-tokens at each network call
 
@@ -424,15 +457,16 @@ def test_cache_and_the_zero_kappa_corrector():
 
 
 def test_invalid_codes_with_three_digits_per_pixel():
-  """ell = 3 (b = 7, 343 codes): mixing classes 4 = (0,0,4) and 255 = (5,1,3) lets independently
-  drawn digits form (5,1,4) = 256. 'keep' returns such ids as the reference would; 'redraw' never
-  does and leaves the valid tokens alone."""
+  """ell = 3 (b = 7, 343 codes): mixing classes 4 = (0,0,4) and 255 = (5,1,3) lets digits of
+  different draws form (5,1,4) = 256. 'keep' returns such ids as the reference would; 'redraw' never
+  does and leaves the valid tokens alone. (The marginal variant's repair: the exact-chain test.)"""
   codec = subtokens.Codec(256, 3)
   logits = np.full(256, -30.0)
   logits[[4, 255]] = 0.0
+  fn = fixed_model(logits)
   run = lambda invalid: np.asarray(im.sample(
-      jax.random.key(0), fixed_model(logits), codec, shape=(64, 4, 4, 3),
-      settings=Settings(num_steps=4, carry_over=True, invalid=invalid)).tokens)
+      jax.random.key(0), fn, codec, shape=(64, 4, 4, 3),
+      settings=Settings(num_steps=4, invalid=invalid)).tokens)  # one compiled program for both
   kept, fixed = run('keep'), run('redraw')
   assert kept.max() >= 256
   assert fixed.max() < 256 and fixed.min() >= 0

@@ -90,12 +90,13 @@ def test_lambada_detokenizer():
 def test_lm1b_and_scientific_papers_detokenizers():
   assert text.lm1b_detokenize is zeroshot.lm1b_detokenize  # moved, still reachable from text
   d = zeroshot.lm1b_detokenize
-  assert d('He said , " it is n\'t mine . "') == 'He said, "it isn\'t mine."'
+  # The reference's rules: "n't" stays split; ' %' and ' - ' are left alone.
+  assert d('He said , " it is n\'t mine . "') == 'He said, "it is n\'t mine."'
   assert d("costs $ 5 ( or 10 % ) ; they 're here / there - ok !") == (
-      "costs $5 (or 10%); they're here/there-ok!")
-  # Scientific papers: the WikiText rules first (@.@, ' , ', brackets), then the LM1B ones (' %').
+      "costs $5 (or 10 %); they're here/there - ok!")
+  # Scientific papers: the WikiText rules first (@.@, ' , ', brackets), then the LM1B ones.
   assert zeroshot.scientific_papers_detokenize('the rate was 5 @.@ 2 % ( n = 10 ) , i.e. , high .'
-                                               ) == 'the rate was 5.2% (n = 10), i.e., high.'
+                                               ) == 'the rate was 5.2 % (n = 10), i.e., high.'
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -190,7 +191,7 @@ def test_scientific_papers_loaders(tmp_path):
        'abstract_text': ['<S> x </S>'], 'section_names': ['intro']},
       {'article_id': 'b', 'article_text': ['( see table 1 ) , done !'], 'abstract_text': []}])
   docs = zeroshot.documents('pubmed', data_dir=data)
-  assert docs == ['the rate was 5.2%.\nsecond para.', '(see table 1), done!']
+  assert docs == ['the rate was 5.2 % .\nsecond para.', '(see table 1), done!']
   np.testing.assert_array_equal(_served('pubmed', 'validation', data, seq_len=8),
                                 _wrapped(docs, 8))
   _jsonl(data / 'arxiv-dataset' / 'test.txt', [{'article_text': ['we show that x , y .']}])

@@ -123,14 +123,14 @@ def _triple(name: str, value) -> Triple:
 
 @dataclasses.dataclass(frozen=True)
 class ImageSamplerSettings:
-  """Sampler settings, frozen and hashable. Only the switches shape the compiled loop; the numbers
-  (schedule_n, temperature, corrector, timestep) enter as per-step tables, so sweeping them does not
-  recompile.
+  """Sampler settings, frozen and hashable. Only num_steps, carry_over, use_corrector and precision
+  shape the compiled loop; everything else enters it as data (per-step tables and two switches), so
+  sweeping temperature, corrector or timestep numbers does not recompile.
 
   num_steps:   T, network calls without caching (the reference's --nfe, default 512).
   schedule_n:  n in alpha(u) = u**n (SPEC 9.2: 3; the super-token run used 2).
   carry_over:  the per-digit-marginal variant (the reference image code's --carry_over).
-  temperature: (a, b', c) of tau(u) = a u**b' + c; None applies no temperature.
+  temperature: (a, b', c) of tau(u) = a u**b' + c; None is tau = 1 (exactly the untempered law).
   use_corrector, corrector: the corrector step and (c0, c1, c2).
   use_timestep_scheduler, timestep: the grid map (a, b', c); (1, 1, 0) is the identity.
   precision:   token-draw precision (samplers.PRECISIONS).
@@ -268,16 +268,16 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
   st = settings
   compiled = functools.partial(
       _sample_jit, logits_fn=logits_fn, codec=codec, shape=shape, num_steps=st.num_steps,
-      carry_over=st.carry_over, use_corrector=st.use_corrector,
-      tempered=st.temperature is not None, precision=st.precision, cache=st.cache,
+      carry_over=st.carry_over, use_corrector=st.use_corrector, precision=st.precision,
       with_params=params is not None, decode=bool(decode))
 
   def run(*args):
-    # The step tables and the repair switch are arguments, not constants: a sweep over temperature,
-    # corrector or timestep numbers (the reference grid-searched them) reuses one compiled program.
+    # Only the switches that change the program are static. The step tables (temperature, corrector,
+    # timestep and schedule numbers, which the reference grid-searched), `cache` and `invalid` are
+    # arguments, so sweeping them reuses one compiled program.
     dtype = jnp.float64 if st.precision == 'fp64' else jnp.float32
     tables = {k: jnp.asarray(v, dtype) for k, v in st.step_tables().items()}
-    return compiled(*args, tables, jnp.asarray(st.invalid == 'redraw'))
+    return compiled(*args, tables, jnp.asarray(st.cache), jnp.asarray(st.invalid == 'redraw'))
 
   if settings.precision == 'fp64' and not jax.config.jax_enable_x64:
     if _is_traced(key) or _is_traced(cond_tokens):
@@ -292,24 +292,23 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'logits_fn', 'codec', 'shape', 'num_steps', 'carry_over', 'use_corrector', 'tempered',
-    'precision', 'cache', 'with_params', 'decode'))
-def _sample_jit(key, cond_tokens, cond_keep, params, tables, repair, *, logits_fn, codec, shape,
-                num_steps, carry_over, use_corrector, tempered, precision, cache, with_params,
+    'logits_fn', 'codec', 'shape', 'num_steps', 'carry_over', 'use_corrector', 'precision',
+    'with_params', 'decode'))
+def _sample_jit(key, cond_tokens, cond_keep, params, tables, cache, repair, *, logits_fn, codec,
+                shape, num_steps, carry_over, use_corrector, precision, with_params,
                 decode) -> SampleOutput:
   T, mask_id = num_steps, codec.mask_id
-  has_invalid = codec.num_invalid > 0  # else there is nothing to repair
   dtype = jnp.float64 if precision == 'fp64' else jnp.float32
-  reuse = cache and use_corrector  # without the corrector a call always changes y
+  has_invalid = codec.num_invalid > 0  # else there is nothing to repair
 
   def call(y_BxSxK):
     logits_BxSxC = logits_fn(params, y_BxSxK) if with_params else logits_fn(y_BxSxK)
     return logits_BxSxC.astype(dtype)
 
   def log_p_at(logits_BxSxC, y_BxSxK, k):
-    if tempered:
-      logits_BxSxC = logits_BxSxC / tables['tau'][k]
-    return parameterization.log_probs(logits_BxSxC, y_BxSxK, codec, carry_over=False)
+    # tau = 1 without a temperature: x / 1.0 == x exactly, so no switch is needed.
+    return parameterization.log_probs(logits_BxSxC / tables['tau'][k], y_BxSxK, codec,
+                                      carry_over=False)
 
   def marginal_draw(k_draw, log_p_BxSxC):
     probs_BxSxKxb = jnp.exp(parameterization.digit_marginals(log_p_BxSxC, codec))
@@ -339,39 +338,33 @@ def _sample_jit(key, cond_tokens, cond_keep, params, tables, repair, *, logits_f
                          h=tables['h'][k], mask_id=mask_id)
     return y
 
+  # The logits of the last call are carried only with the corrector: without it every call is
+  # followed by a change of y, so they could never be reused.
   def get_logits(y, cached, valid):
-    return jax.lax.cond(valid, lambda y, c: c, lambda y, c: call(y), y, cached)
+    """(logits at y, whether the network was called)."""
+    if not use_corrector:
+      return call(y), jnp.asarray(True)
+    reuse = cache & valid
+    return jax.lax.cond(reuse, lambda y, c: c, lambda y, c: call(y), y, cached), ~reuse
 
   def step(k, carry):
     y, cached, valid, nfe, idle = carry
     keys = step_keys(k)
     reveal = (y == mask_id) & (jax.random.uniform(keys[0], y.shape, dtype) < tables['reveal'][k])
-    if not use_corrector:
-      changed = jnp.any(reveal)
-      if cache:
-        y = jax.lax.cond(changed, lambda y: update(y, call(y), k, keys, reveal), lambda y: y, y)
-        nfe = nfe + changed.astype(jnp.int32)
-      else:
-        y = update(y, call(y), k, keys, reveal)
-        nfe = nfe + 1
-    else:
-      if reuse:
-        logits = get_logits(y, cached, valid)
-        nfe = nfe + (~valid).astype(jnp.int32)
-      else:
-        logits = call(y)
-        nfe = nfe + 1
+    if use_corrector:
+      logits, called = get_logits(y, cached, valid)
       y_new = update(y, logits, k, keys, reveal)
       changed = jnp.any(y_new != y)
-      y = y_new
-      if reuse:
-        cached, valid = logits, ~changed
-    return y, cached, valid, nfe, idle + (~changed).astype(jnp.int32)
+      cached, valid = logits, ~changed
+    else:
+      changed = jnp.any(reveal)  # known before the call: an idle step needs no prediction
+      called = changed | ~cache
+      y_new = jax.lax.cond(called, lambda y: update(y, call(y), k, keys, reveal), lambda y: y, y)
+    return y_new, cached, valid, nfe + called.astype(jnp.int32), idle + (~changed).astype(jnp.int32)
 
   zero = jnp.zeros((), jnp.int32)
-  if reuse:
-    out_shape = jax.eval_shape(call, y0_BxSxK)
-    cached0 = jnp.zeros(out_shape.shape, dtype)
+  if use_corrector:
+    cached0 = jnp.zeros(jax.eval_shape(call, y0_BxSxK).shape, dtype)
   else:
     cached0 = jnp.zeros((), dtype)
   carry = (y0_BxSxK, cached0, jnp.zeros((), bool), zero, zero)
@@ -383,7 +376,8 @@ def _sample_jit(key, cond_tokens, cond_keep, params, tables, repair, *, logits_f
   keys = step_keys(T - 1)
   remaining = y == mask_id
 
-  def finish(y, logits):
+  def finish(y):
+    logits, called = get_logits(y, cached, valid)
     log_p = log_p_at(logits, y, T - 1)
     x_hat = draw_tokens(keys[1], jnp.exp(log_p), precision)
     if carry_over:
@@ -394,18 +388,11 @@ def _sample_jit(key, cond_tokens, cond_keep, params, tables, repair, *, logits_f
     if has_invalid:
       bad = (codec.decode(y) >= codec.vocab_size) & ~cond_keep & repair
       y = jnp.where(bad[..., None], codec.encode(x_hat), y)
-    return y
+    return y, called
 
-  def finish_calling(y):
-    logits = get_logits(y, cached, valid) if reuse else call(y)
-    return finish(y, logits)
-
-  if cache:
-    needed = jnp.any(remaining) | repair if has_invalid else jnp.any(remaining)
-    y = jax.lax.cond(needed, finish_calling, lambda y: y, y)
-    fresh = ~valid if reuse else jnp.asarray(True)
-    nfe = nfe + (needed & fresh).astype(jnp.int32)
-  else:
-    y = finish(y, call(y))
-    nfe = nfe + 1
+  needed = jnp.any(remaining) | ~cache
+  if has_invalid:
+    needed = needed | repair
+  y, called = jax.lax.cond(needed, finish, lambda y: (y, jnp.asarray(False)), y)
+  nfe = nfe + called.astype(jnp.int32)
   return SampleOutput(codec.decode(y) if decode else y, nfe, idle)

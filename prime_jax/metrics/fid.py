@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -90,12 +91,19 @@ def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     *, eps: float = 1e-6) -> float:
+                     *, eps: float = 1e-6, method: str = 'sqrtm') -> float:
   """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)) in float64.
 
-  If the product is too singular for sqrtm to return finite values, eps * I is added to both
-  covariances. A negligible imaginary part of sqrtm (round-off) is dropped; a large one (diagonal
-  imaginary part above 1e-3) raises ValueError.
+  method='sqrtm' (default) is the standard computation (TTUR / pytorch-fid): scipy.linalg.sqrtm of
+  the product; if that is not finite (too singular a product), eps * I is added to both
+  covariances and it is retried; a negligible imaginary part (round-off) is dropped, a large one
+  (diagonal imaginary part above 1e-3) raises ValueError.
+
+  method='eigh' gives the same number for symmetric PSD covariances, several times faster (one
+  symmetric eigendecomposition of sigma1 instead of a Schur form) and exact for singular
+  covariances (N < D): with sigma1 = V diag(w) V^T and B = V diag(w)^(1/2), S1 S2 has the same
+  non-zero eigenvalues as B^T S2 B, so tr sqrtm(S1 S2) = sum sqrt(eig(B^T S2 B)); eigenvalues of
+  sigma1 below the matrix_rank cutoff (w.max() * D * machine eps) are treated as 0.
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
@@ -105,17 +113,48 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     raise ValueError(f'shape mismatch: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} '
                      f'{sigma2.shape}')
   diff = mu1 - mu2
-  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+  if method == 'sqrtm':
+    trace_covmean = _trace_sqrtm_product(sigma1, sigma2, eps)
+  elif method == 'eigh':
+    trace_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
+  else:
+    raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
+
+
+def _trace_sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
+  with warnings.catch_warnings():  # singular products are expected (N < D); handled below
+    warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+      offset = np.eye(len(sigma1)) * eps
+      covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if not np.isfinite(covmean).all():
-    offset = np.eye(d) * eps
-    covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    raise ValueError('sqrtm(sigma1 sigma2) is not finite even with an eps * I offset')
   if np.iscomplexobj(covmean):
     imag = np.abs(np.diagonal(covmean).imag).max()
     if imag > 1e-3:
       raise ValueError(f'sqrtm(sigma1 sigma2) has an imaginary component of {imag:.3g}: the '
                        'covariances are not valid (or far too singular)')
     covmean = covmean.real
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+  return float(np.trace(covmean))
+
+
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+  for s in (sigma1, sigma2):
+    if not np.allclose(s, s.T, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(s).max())):
+      raise ValueError("method='eigh' needs symmetric covariance matrices")
+  w, v = np.linalg.eigh(sigma1)
+  # Keep the numerically non-zero part of sigma1 = V diag(w) V^T (the matrix_rank cutoff): then
+  # tr sqrtm(S1 S2) = tr sqrt(K), K = diag(w)^(1/2) V^T S2 V diag(w)^(1/2), r x r. For N < D
+  # (rank N - 1) this is small and carries no round-off from the null space.
+  keep = w > max(w.max(), 0.0) * len(w) * np.finfo(np.float64).eps
+  if not keep.any():
+    return 0.0
+  b = v[:, keep] * np.sqrt(w[keep])
+  k = b.T @ sigma2 @ b
+  ev = np.linalg.eigvalsh(0.5 * (k + k.T))
+  return float(np.sqrt(np.clip(ev, 0.0, None)).sum())
 
 
 def fid(images: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, **features_kw) -> float:
