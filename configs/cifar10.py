@@ -1,4 +1,4 @@
-"""MDM-Prime on CIFAR-10 at the paper's settings (SPEC 8.2, 9.2, 11.3): the 114M-parameter discrete UNet.
+"""MDM-Prime on CIFAR-10 at the paper's settings (SPEC 8.2, 9.2, 11.3): the 114M-parameter UNet.
 
   python -m prime_jax.main --config configs/cifar10.py --workdir workdir/cifar10
   python -m prime_jax.main --config configs/cifar10.py:ell=1 --workdir workdir/cifar10_mdm  # MDM
@@ -9,11 +9,13 @@ Data: TFDS 'cifar10' prepared as ArrayRecord once, on a machine with internet an
 then add --config.data.data_dir=DIR. The test split (10k) is the validation set.
 
 Arguments (comma-separated): ell (1, 2, 3, 4 or 8; default 2), objective (paper | nelbo; default
-paper, the reference's unweighted cross-entropy). Training: AdamW lr 1e-4 constant, betas (0.9, 0.95),
-weight decay 0.01, no clipping, EMA 0.999, global batch 512, alpha = t'**3, random horizontal flips,
-for the paper's early-stopped epoch count of each ell. The reference trains in float32; on TPU/GPU
+paper, the reference's unweighted cross-entropy).
+
+Training as the reference (SPEC 9.2): AdamW lr 1e-4 constant, betas (0.9, 0.95), weight decay 0.01,
+no clipping, EMA 0.999, global batch 512, alpha = t'**3, random horizontal flips, for the paper's
+early-stopped epoch count of each ell. The reference trains in float32; on TPU/GPU
 --config.model.dtype=bfloat16 runs the convolutions in bf16 with float32 parameters. The sampler
-block holds the paper's best 512-NFE sampler row for the chosen ell.
+block holds the paper's best 512-NFE sampler row for the chosen ell (SPEC 11.3).
 """
 
 import math

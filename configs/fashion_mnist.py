@@ -1,12 +1,12 @@
-"""MDM-Prime on Fashion-MNIST (28 x 28 gray, C = 256 per pixel) with a small UNet, ~10 minutes on 2 CPU cores.
+"""MDM-Prime on Fashion-MNIST (28 x 28 gray, C = 256) with a small UNet: ~10 minutes on 2 CPU cores.
 
   python -m prime_jax.main --config configs/fashion_mnist.py --workdir workdir/fmnist
-  python -m prime_jax.main --config configs/fashion_mnist.py:ell=1 --workdir workdir/fmnist_l1  # MDM
+  python -m prime_jax.main --config configs/fashion_mnist.py:ell=1 --workdir workdir/fm_l1  # MDM
   python -m prime_jax.main --config configs/fashion_mnist.py --mode bench
 
-Arguments (comma-separated): ell (1, 2, 4 or 8; default 2), objective (paper | nelbo; default paper).
-The data is the offline asset (`python -m prime_jax.data.assets fetch fashion_mnist`); the test split
-is the validation set. Every reported likelihood is the valid bound, in bits per pixel.
+Arguments (comma-separated): ell (1, 2, 4 or 8; default 2), objective (paper | nelbo; default
+paper). The data is the offline asset (`python -m prime_jax.data.assets fetch fashion_mnist`); the
+test split is the validation set. Every reported likelihood is the valid bound, in bits per pixel.
 """
 
 from configs import base
@@ -40,10 +40,10 @@ def get_config(arg: str = ''):
   c.optim.warmup_steps = 50
   c.optim.schedule = 'cosine'
   c.optim.ema_decay = 0.99
-  c.train.num_steps = 600
+  c.train.num_steps = 500
   c.train.log_every = 25
-  c.train.eval_every = 600
-  c.train.ckpt_every = 200
+  c.train.eval_every = 500
+  c.train.ckpt_every = 250
   c.eval.num_batches = 8
   c.eval.batch_size = 64
   c.sampler.num_steps = 128

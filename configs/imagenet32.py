@@ -1,4 +1,4 @@
-"""MDM-Prime on ImageNet-32 at the paper's settings (SPEC 8.2, 9.2, 11.3): the CIFAR-10 recipe and model.
+"""MDM-Prime on ImageNet-32 at the paper's settings (SPEC 8.2, 9.2, 11.3): the CIFAR-10 recipe.
 
   python -m prime_jax.main --config configs/imagenet32.py --workdir workdir/imagenet32
   python -m prime_jax.main --config configs/imagenet32.py:ell=1 --workdir workdir/imagenet32_mdm

@@ -166,7 +166,7 @@ def image_losses(params, graphdef, x0_BxHxWxC, key, task: Task, *, train: bool):
   """Draws t and y_t, runs the UNet; per-token losses (B, H, W, C):
     'nelbo'      the valid bound (SPEC 4.3), what NLL / BPD report;
     'paper'      the reference image training loss: unweighted -log p(x0 | y_t) at every token;
-    'paper_nll'  the reference's NLL estimator (SPEC 7.4): the weighted joint, not a bound for ell > 1.
+    'paper_nll'  the reference's NLL estimator (SPEC 7.4): the weighted joint; no bound for ell > 1.
   C = 256 classes are few, so the logits are materialised and the core objectives used as they are.
   """
   k_t, k_mask, k_drop = jax.random.split(key, 3)

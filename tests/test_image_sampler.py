@@ -43,9 +43,9 @@ def fixed_model(log_pi):
 
 @functools.cache
 def table_fn(codec):
-  """logits_fn(table, y) for one token per batch row (S = (1, 1, 1)): its logits are the table row of
-  its digit state, table ((b+1)**K, C). The table is a params argument, so every table shares one
-  compiled sampler."""
+  """logits_fn(table, y) for one token per batch row (S = (1, 1, 1)): its logits are the table row
+  of its digit state, table ((b+1)**K, C). The table is a params argument, so every table shares
+  one compiled sampler."""
   powers = jnp.asarray((codec.base + 1)**np.arange(codec.ell)[::-1], jnp.int32)
   return lambda table, y: table[jnp.sum(y * powers, axis=-1)]
 
@@ -67,7 +67,7 @@ def posterior_table(codec, pi):
   return np.where(ok, np.log(pi), parameterization.NEG_INF).astype(np.float32)
 
 
-N_CHAIN, CHAIN_SHAPE = 20000, (20000, 1, 1, 1)
+CHAIN_SHAPE = (20000, 1, 1, 1)  # one token per row, rows i.i.d.
 
 
 def sample_table(table, codec, settings, key=1):
@@ -75,7 +75,7 @@ def sample_table(table, codec, settings, key=1):
                    settings=settings, params=jnp.asarray(table)).tokens
 
 
-# -- exact distribution of the discrete-time chain ---------------------------------------------------
+# -- exact distribution of the discrete-time chain -------------------------------------------------
 
 
 def exact_output_distribution(codec, table, st):
@@ -108,8 +108,8 @@ def exact_output_distribution(codec, table, st):
     return out
 
   def digit_kernel(v, k, d_pred, d_corr_dist):
-    """{new value: prob} of one sub-token: predictor reveal to d_pred, then the corrector whose target
-    is drawn from d_corr_dist ({digit: prob})."""
+    """{new value: prob} of one sub-token: predictor reveal to d_pred, then the corrector whose
+    target is drawn from d_corr_dist(value after the predictor) ({digit: prob})."""
     after = {v: 1.0} if v != m else {d_pred: tab['reveal'][k], m: 1.0 - tab['reveal'][k]}
     if not st.use_corrector:
       return after
@@ -216,7 +216,7 @@ def test_sampler_matches_exact_chain(C, ell, settings):
     assert (probs[C:].sum() > 1e-3) == (settings.invalid == 'keep')
 
 
-# -- settings, grid and rates -------------------------------------------------------------------------
+# -- settings, grid and rates ----------------------------------------------------------------------
 
 
 def test_grid_timestep_map_and_validation():
@@ -237,8 +237,8 @@ def test_grid_timestep_map_and_validation():
 
 @pytest.mark.parametrize('n', [3.0, 2.0])
 def test_tables_agree_with_the_core_poly_schedule(n):
-  """Flow time u is core time t = 1 - u: reveal probabilities and the kappa = 0 corrector rate are the
-  core 'poly' schedule's reveal_prob and NELBO weight."""
+  """Flow time u is core time t = 1 - u: reveal probabilities and the kappa = 0 corrector rate are
+  the core 'poly' schedule's reveal_prob and NELBO weight."""
   st = Settings(num_steps=16, schedule_n=n)
   u, tab = st.grid(), st.step_tables()
   sched = schedules.get('poly', n=n)
@@ -283,12 +283,12 @@ def test_corrector_jump_probabilities():
   assert r[1][2] == 1.0 and r[2][4] == 1.0
 
 
-# -- invariants -------------------------------------------------------------------------------------
+# -- invariants ------------------------------------------------------------------------------------
 
 
 @functools.cache
 def coupled_model(codec, seed=0):
-  """State-dependent logits: a per-digit embedding plus the mean over the grid (all tokens interact)."""
+  """State-dependent logits: a per-digit embedding plus the grid mean (all tokens interact)."""
   E = jnp.asarray(np.random.default_rng(seed).normal(size=(codec.ell, codec.base + 1,
                                                            codec.vocab_size)), jnp.float32)
 
@@ -375,7 +375,7 @@ def test_unit_temperature_and_identity_timestep_are_exact():
   assert (run(temperature=(0.0, 0.0, 0.05)) != untempered).any()  # a real temperature does act
 
 
-# -- the math with known answers --------------------------------------------------------------------
+# -- the math with known answers -------------------------------------------------------------------
 
 
 def test_exact_denoiser_recovers_the_data_distribution():
@@ -417,7 +417,7 @@ def test_marginal_variant_reproduces_a_product_distribution_over_digits():
   assert chisq_pvalue(out, non_product) < 1e-6  # digits drawn independently: the joint is lost
 
 
-# -- caching and the corrector's kappa = 0 ----------------------------------------------------------
+# -- caching and the corrector's kappa = 0 ---------------------------------------------------------
 
 
 def test_cache_and_the_zero_kappa_corrector():

@@ -3,7 +3,7 @@
 Sources:
   fashion_mnist  the offline Debian asset (ASSETS.md): train 60k, test 10k (used as validation)
   cifar10        TFDS 'cifar10' through `tfds.data_source` (ArrayRecord): train 50k, test 10k
-  imagenet32     TFDS 'imagenet_resized/32x32' through `tfds.data_source`: train 1.28M, validation 50k
+  imagenet32     TFDS 'imagenet_resized/32x32' through `tfds.data_source`: train 1.28M, val. 50k
 
 The pipeline mirrors the text one (prime_jax/data/pipeline.py): per-host stride sharding first, a
 per-epoch reshuffle, batching on the MapDataset (so batches do not depend on the worker count), a
@@ -86,8 +86,9 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     raw = f.read()
   got = int.from_bytes(raw[:4], 'big')
   if got != magic:
-    raise ValueError(f'{path} is not an IDX file of the expected kind (magic {got:#x}, want {magic:#x}); '
-                     'refetch it with `python -m prime_jax.data.assets fetch fashion_mnist --force`.')
+    raise ValueError(f'{path} is not an IDX file of the expected kind (magic {got:#x}, want '
+                     f'{magic:#x}); refetch it with `python -m prime_jax.data.assets fetch '
+                     'fashion_mnist --force`.')
   dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
   data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
   if data.size != int(np.prod(dims)):
@@ -96,7 +97,9 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
 
 
 def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Fashion-MNIST as (images uint8 (N, 28, 28, 1), labels int64 (N,)); split 'train' (60k) or 'test' (10k).
+  """Fashion-MNIST as (images uint8 (N, 28, 28, 1), labels int64 (N,)).
+
+  split: 'train' (60k) or 'test' (10k).
 
   'validation' is accepted as the test split (Fashion-MNIST has no separate validation set).
   """
@@ -122,7 +125,7 @@ def _fashion_mnist_readonly(split: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-# ----------------------------------------------------------------------------- random-access sources
+# ----------------------------------------------------------------------- random-access sources
 
 
 class ArrayImages:
@@ -250,7 +253,8 @@ def make_image_pipeline(source: str, split: str, *, batch_size: int, seed: int, 
     raise ValueError(f'seed={seed!r} must be an int in [0, 2**32): grain shuffle seeds are 32-bit.')
   if worker_count < 0:
     raise ValueError(f'worker_count={worker_count} must be >= 0 (0 reads in this process).')
-  shard_index, shard_count = pipeline._host_shard(shard_index, shard_count)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  shard_index, shard_count = pipeline._host_shard(shard_index, shard_count)
   shape = image_shape(source)
   records = image_source(source, split, data_dir=data_dir)
   num_records = len(records)

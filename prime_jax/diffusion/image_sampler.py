@@ -1,54 +1,55 @@
 """The MDM-Prime image samplers (SPEC 5.3): Euler Prime, its per-digit-marginal variant, the logit
 temperature schedule, the corrector and the timestep map of the reference image code.
 
-Dimension key: B batch, S token grid ((H, W, channels) for images: every colour channel of a pixel is
-one token), K sub-tokens per token, C token classes (256 for pixels), b base, T steps.
+Dimension key: B batch, S token grid ((H, W, channels) for images: every colour channel of a pixel
+is one token), K sub-tokens per token, C token classes (256 for pixels), b base, T steps.
 
-Time. The reference image code runs flow-matching time u in [0, 1], u = 0 fully masked, u = 1 clean,
-with alpha(u) = u**n (n = 3). The rest of our core uses t = 1 - u (t = 0 clean) and the 'poly'
-schedule alpha(t) = (1 - t)**n, the same function. The reference writes its three hyper-parameter
-families (temperature, corrector strength, timestep map) as functions of u, so this module keeps its
-grid in u and published settings carry over unchanged; alpha'(u) = -Schedule.dalpha(1 - u).
+Time. The reference image code runs flow-matching time u in [0, 1], u = 0 fully masked, u = 1
+clean, with alpha(u) = u**n (n = 3). The rest of our core uses t = 1 - u (t = 0 clean) and the
+'poly' schedule alpha(t) = (1 - t)**n, the same function: alpha'(u) = -Schedule.dalpha(1 - u) and
+the reveal probability below is Schedule.reveal_prob(1 - u_k, 1 - u_{k+1}) (a test checks both).
+The reference writes its three hyper-parameter families (temperature, corrector strength, timestep
+map) as functions of u, so this module keeps its grid in u and published settings carry over as is.
 
-  grid        u_k = k / T (k < T), optionally remapped by u -> 1 - a (1 - u)**b' + c;
-  steps k<T-1 the model is called at u_k, then predictor (+ corrector) from u_k to u_{k+1};
-  step T-1    the model is called at u_{T-1} and every still-masked sub-token is filled from it.
-  (The reference's last grid point u_T = 1 is never used.) T is the reference's `nfe`.
+  grid         u_k = k / T (k < T), optionally remapped by u -> 1 - a (1 - u)**b' + c;
+  steps k<T-1  the model is called at u_k, then predictor (+ corrector) from u_k to u_{k+1};
+  step T-1     the model is called at u_{T-1} and every still-masked sub-token is filled from it.
+  T is the reference's `nfe`; its last grid point u_T = 1 is never used.
 
 Predictor. The logits are divided by tau(u_k) = a u_k**b' + c and soft-maxed over C, with no
-consistency filter (the image model is not carry-over filtered). Each masked sub-token is revealed with
+consistency filter (the reference image model has none). Each masked sub-token is revealed with
 probability q_k = (alpha(u_{k+1}) - alpha(u_k)) / (1 - alpha(u_k)); observed ones never change.
-  Euler ('carry_over' off): revealed digits are the digits of one draw x0_hat ~ p per token.
-  marginal ('carry_over' on in the reference image code): every revealed sub-token draws its value
-    independently from its digit marginal P(d_j = v) = sum_{c : d_j(c) = v} p(c). Unlike the text
-    carry-over, nothing ties the draw to the observed digits.
-The reference draws reveal and value together from the (b+1)-way mixture q delta_d + (1 - q) delta_m;
+  Euler (`carry_over` off): revealed digits are the digits of one draw x0_hat ~ p per token.
+  marginal (`carry_over` on, the reference image code's name): every revealed sub-token draws its
+    value independently from its digit marginal P(d_j = v) = sum_{c : d_j(c) = v} p(c). Unlike
+    the text carry-over, nothing ties the draw to the observed digits.
+The reference draws reveal and value together from the (b+1)-way mixture q delta_d + (1-q) delta_m;
 drawing the reveal first is the same law, and it lets a step that reveals nothing skip the network.
 
-Corrector (u = u_k, h = u_{k+1} - u_k, kappa(u) = c0 u**c1 (1 - u)**c1). After the predictor, every
-sub-token that is not conditioned jumps with the rate over the b + 1 sub-token values
-  r = alpha'/(1 - alpha) delta_d + kappa alpha'/(alpha (1 - alpha)) ((1 - alpha) delta_m + alpha delta_d),
-zeroed at its current value: with probability 1 - exp(-h sum r) it moves to d or m in proportion to r.
-d is the digit of the predictor's x0_hat (Euler) or a fresh draw from the digit marginal (marginal), as
-in the reference. Three faithful details that matter:
+Corrector (u = u_k, h = u_{k+1} - u_k, kappa(u) = c0 u**c1 (1 - u)**c1). After the predictor,
+every sub-token that is not conditioned jumps with the rate over its b + 1 values
+  r = alpha'/(1-alpha) delta_d + kappa alpha'/(alpha (1-alpha)) ((1-alpha) delta_m + alpha delta_d),
+zeroed at its current value: with probability 1 - exp(-h sum r) it moves to d or m in proportion to
+r. d is the digit of the predictor's x0_hat (Euler) or a fresh draw from the digit marginal
+(marginal), as in the reference. Three details, all faithful to the reference:
   - c2 is accepted and ignored: the reference uses c1 for both exponents of kappa.
-  - kappa = 0 does NOT switch the corrector off. The first term is the forward (unmasking) rate, so a
-    c0 = 0 corrector is a second unmasking step towards d (and moves revealed digits that disagree
-    with d onto d). Use `use_corrector=False` for no corrector.
-  - At alpha = 0 (u = 0) the remasking rate kappa alpha'/alpha is 0/0; the reference gets NaN there, so
-    an unmasked sub-token never jumps at u = 0. We keep that rule explicitly.
+  - kappa = 0 does NOT switch the corrector off. The first term is the forward (unmasking) rate,
+    so a c0 = 0 corrector is a second unmasking step towards d (and it moves revealed digits that
+    disagree with d onto d). `use_corrector=False` is no corrector.
+  - At alpha = 0 (u = 0) the remasking rate kappa alpha'/alpha is 0/0; the reference gets NaN
+    there, so an unmasked sub-token never jumps at u = 0. We keep that rule explicitly.
 
 Invalid codes (b**K > C, e.g. pixels with K = 3: b = 7, 343 codes). Neither variant filters by the
-observed digits, so a token can end with digits from different draws that form a code >= C (the
+observed digits, so a token can end with digits of different draws that form a code >= C (the
 reference then decodes an id >= 256). invalid='redraw' (default) replaces such a token by the last
 step's joint draw x0_hat ~ p, a valid class; invalid='keep' returns the reference's ids >= C. For
 K in {1, 2, 4, 8} with C = 256 every code is valid and the two agree.
 
-Caching. `logits_fn` takes no time: the network is time-independent (the reference UNet ignores t) and
-the temperature is applied here. So without the corrector a step that reveals nothing is idle and makes
-no call; with the corrector the prediction is reused while y is unchanged since the last call. Samples
-are identical with cache on or off (randomness is a function of (key, step)); `nfe` counts real calls
-(T with cache=False, as the reference).
+Caching. `logits_fn` takes no time: the network must be time-independent (the reference UNet ignores
+t) and the temperature is applied here. So without the corrector a step that reveals nothing is idle
+and makes no call; with the corrector the last prediction is reused while y is unchanged. Samples
+are identical with cache on or off (randomness is a function of (key, step)); `nfe` counts real
+calls (T with cache=False, as in the reference).
 
 Conditioning (inpainting, imputation): `condition=(tokens (B, *S), keep (B, *S) bool)`; kept tokens
 start observed and are never changed by the predictor, the corrector or the repair.
@@ -73,7 +74,7 @@ INVALID_MODES = ('redraw', 'keep')
 Triple = tuple[float, float, float]
 
 
-# -- the three reference schedules (flow time u: 0 masked, 1 clean) ---------------------------------
+# -- the three reference schedules (flow time u: 0 masked, 1 clean) --------------------------------
 
 
 def timestep_map(u, params: Triple):
@@ -98,8 +99,8 @@ def kappa_at(u, params: tuple[float, ...]):
 def corrector_rates(u, n: float, params: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
   """The corrector's rates towards the drawn digit d and towards the mask, at flow time u.
 
-  to_digit = (1 + kappa) alpha'/(1 - alpha); to_mask = kappa alpha'/alpha, NaN where alpha = 0 (the
-  reference's 0/0, which freezes unmasked sub-tokens there).
+  to_digit = (1 + kappa) alpha'/(1 - alpha); to_mask = kappa alpha'/alpha, NaN where alpha = 0
+  (the reference's 0/0, which freezes unmasked sub-tokens there).
   """
   u = np.asarray(u, np.float64)
   alpha, dalpha = u**n, n * u**(n - 1.0)
@@ -110,7 +111,7 @@ def corrector_rates(u, n: float, params: tuple[float, ...]) -> tuple[np.ndarray,
   return to_digit, to_mask
 
 
-# -- settings ---------------------------------------------------------------------------------------
+# -- settings --------------------------------------------------------------------------------------
 
 
 def _triple(name: str, value) -> Triple:
@@ -187,33 +188,33 @@ class ImageSamplerSettings:
       if not ok:
         raise ValueError(
             f'timestep {self.timestep} maps the grid k/T to {np.round(u[:4], 4).tolist()}...'
-            f'{np.round(u[-2:], 4).tolist()}, which is not strictly increasing inside [0, 1). The '
-            'identity is (1, 1, 0); the SPEC tables list (1, 0, 0) for runs with the scheduler off, '
-            'which would map every time to 0.')
+            f'{np.round(u[-2:], 4).tolist()}, which is not strictly increasing inside [0, 1). '
+            'The identity is (1, 1, 0); the SPEC tables list (1, 0, 0) for runs with the scheduler '
+            'off, which would map every time to 0.')
     return u
 
   def step_tables(self) -> dict[str, np.ndarray]:
-    """Per-step float64 constants of the loop: reveal (T-1,), h (T-1,), tau (T,), to_digit and to_mask
-    (T-1,) corrector rates."""
+    """Per-step float64 inputs of the loop: reveal (T-1,), h (T-1,), tau (T,), and the corrector
+    rates to_digit, to_mask (T-1,)."""
     u = self.grid()
     n = self.schedule_n
     alpha = u**n
-    # (alpha(s) - alpha(t)) / (1 - alpha(t)), i.e. Schedule('poly').reveal_prob(1 - u_k, 1 - u_k+1).
+    # (alpha(s) - alpha(t)) / (1 - alpha(t)) = Schedule('poly').reveal_prob(1 - u_k, 1 - u_{k+1}).
     reveal = np.clip((alpha[1:] - alpha[:-1]) / (1.0 - alpha[:-1]), 0.0, 1.0)
     tau = np.ones_like(u) if self.temperature is None else temperature_at(u, self.temperature)
     to_digit, to_mask = corrector_rates(u[:-1], n, self.corrector)
     return dict(reveal=reveal, h=np.diff(u), tau=tau, to_digit=to_digit, to_mask=to_mask)
 
 
-# -- the corrector jump -----------------------------------------------------------------------------
+# -- the corrector jump ----------------------------------------------------------------------------
 
 
-def corrector_jump(key: jax.Array, y_BxSxK: jax.Array, d_BxSxK: jax.Array, free_BxSxK: jax.Array, *,
-                   to_digit, to_mask, h, mask_id: int) -> jax.Array:
+def corrector_jump(key: jax.Array, y_BxSxK: jax.Array, d_BxSxK: jax.Array,
+                   free_BxSxK: jax.Array, *, to_digit, to_mask, h, mask_id: int) -> jax.Array:
   """One corrector jump of every free sub-token (module docstring).
 
-  Rates are zeroed at the current value: a masked sub-token can only move to d, one equal to d only to
-  the mask, any other to either. A NaN rate (alpha = 0) means no jump, as in the reference.
+  Rates are zeroed at the current value: a masked sub-token can only move to d, one equal to d only
+  to the mask, any other to either. A NaN rate (alpha = 0) means no jump, as in the reference.
   """
   dtype = jnp.result_type(jnp.asarray(to_digit).dtype, jnp.float32)
   u_jump, u_target = jax.random.uniform(key, (2,) + y_BxSxK.shape, dtype)
@@ -228,7 +229,7 @@ def corrector_jump(key: jax.Array, y_BxSxK: jax.Array, d_BxSxK: jax.Array, free_
   return jnp.where(jump, jnp.where(to_d, d_BxSxK, mask_id), y_BxSxK)
 
 
-# -- the sampler ------------------------------------------------------------------------------------
+# -- the sampler -----------------------------------------------------------------------------------
 
 
 def _is_traced(x) -> bool:
@@ -251,8 +252,8 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
     decode: False returns the sub-tokens (B, *S, K) instead of ids.
 
   Returns SampleOutput(tokens, nfe, idle_steps): idle_steps counts the steps k < T-1 in which no
-  sub-token of the batch changed. Compiles itself; with precision='fp64' and jax_enable_x64 off it must
-  be called outside jit (it opens its own x64 scope), like `samplers.sample`.
+  sub-token of the batch changed. Compiles itself; with precision='fp64' and jax_enable_x64 off it
+  must be called outside jit (it opens its own x64 scope), like `samplers.sample`.
   """
   if not isinstance(settings, ImageSamplerSettings):
     raise TypeError(f'settings must be an ImageSamplerSettings, got {type(settings).__name__}.')
@@ -272,9 +273,9 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
       with_params=params is not None, decode=bool(decode))
 
   def run(*args):
-    # Only the switches that change the program are static. The step tables (temperature, corrector,
-    # timestep and schedule numbers, which the reference grid-searched), `cache` and `invalid` are
-    # arguments, so sweeping them reuses one compiled program.
+    # Only the switches that change the program are static. The step tables (temperature,
+    # corrector, timestep and schedule numbers, which the reference grid-searched), `cache` and
+    # `invalid` are arguments, so sweeping them reuses one compiled program.
     dtype = jnp.float64 if st.precision == 'fp64' else jnp.float32
     tables = {k: jnp.asarray(v, dtype) for k, v in st.step_tables().items()}
     return compiled(*args, tables, jnp.asarray(st.cache), jnp.asarray(st.invalid == 'redraw'))
@@ -282,8 +283,8 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
   if settings.precision == 'fp64' and not jax.config.jax_enable_x64:
     if _is_traced(key) or _is_traced(cond_tokens):
       raise ValueError(
-          "precision='fp64' runs in its own x64 scope, which cannot be entered inside jax.jit: call "
-          "sample() outside jit (it compiles itself), enable jax_enable_x64 globally, or use "
+          "precision='fp64' runs in its own x64 scope, which cannot be entered inside jax.jit: "
+          "call sample() outside jit (it compiles itself), enable jax_enable_x64 globally, or use "
           "precision='fp32_hires'.")
     with jax.enable_x64(True):
       out = run(key, cond_tokens, cond_keep, params)
@@ -360,7 +361,8 @@ def _sample_jit(key, cond_tokens, cond_keep, params, tables, cache, repair, *, l
       changed = jnp.any(reveal)  # known before the call: an idle step needs no prediction
       called = changed | ~cache
       y_new = jax.lax.cond(called, lambda y: update(y, call(y), k, keys, reveal), lambda y: y, y)
-    return y_new, cached, valid, nfe + called.astype(jnp.int32), idle + (~changed).astype(jnp.int32)
+    nfe, idle = nfe + called.astype(jnp.int32), idle + (~changed).astype(jnp.int32)
+    return y_new, cached, valid, nfe, idle
 
   zero = jnp.zeros((), jnp.int32)
   if use_corrector:

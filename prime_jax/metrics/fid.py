@@ -3,11 +3,13 @@
     feats = features(images_uint8)                # (N, 2048) float32, images (N, H, W, 1|3) uint8
     mu, sigma = statistics(feats)                 # float64 mean and covariance
     ref_mu, ref_sigma = reference_statistics('fashion_mnist', 'test', images_fn)   # cached .npz
-    score = fid(generated_images, ref_mu, ref_sigma)
+    score = fid(generated_images, ref_mu, ref_sigma)   # = fid_from_features(features(...), ...)
 
 The network, its weights and its preprocessing (TF1 bilinear resize to 299x299, (x - 128) / 128) are
 in `prime_jax.metrics.inception`; see there for the exact conventions. FID is
-||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), computed in float64 with scipy's sqrtm.
+||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), always in float64: `frechet_distance` uses scipy's
+sqrtm (the standard way; method='eigh' is a faster exact alternative), while `fid` /
+`fid_from_features` use an exact N x N form when the sample is smaller than 2048 (see there).
 
 Inception Score is NOT available from this network: the TorchScript file carries only the pool3
 feature extractor (no 1008-way logits/softmax head), and IS needs class probabilities.
@@ -22,6 +24,7 @@ import os
 import re
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -54,10 +57,10 @@ def features(images: np.ndarray, *, batch_size: Optional[int] = None,
   n = len(images)
   if n == 0:
     return np.zeros((0, inception_lib.FEATURE_DIM), np.float32)
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
   net = net or inception_lib.get_inception()
   bs = min(int(batch_size or _default_batch_size()), n)
-  if bs < 1:
-    raise ValueError(f'batch_size must be positive, got {batch_size}')
   show = n >= _AUTO_PROGRESS_MIN if progress is None else progress
   out = np.empty((n, inception_lib.FEATURE_DIM), np.float32)
 
@@ -157,10 +160,38 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
   return float(np.sqrt(np.clip(ev, 0.0, None)).sum())
 
 
+def fid_from_features(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, *,
+                      method: str = 'sqrtm') -> float:
+  """FID between features (N, D) and reference statistics.
+
+  When N <= D the covariance of `feats` is S1 = X^T X with X the centred features / sqrt(N - 1)
+  (rank <= N - 1), and S1 S2 has the same non-zero eigenvalues as the N x N matrix X S2 X^T, so
+  tr sqrtm(S1 S2) = sum sqrt(eig(X S2 X^T)) exactly. That costs O(N D^2) instead of an O(D^3)
+  sqrtm and has no null-space round-off (a set against its own statistics gives ~1e-13). For
+  N > D it is `frechet_distance(*statistics(feats), ref_mu, ref_sigma, method=method)`.
+  """
+  feats = np.asarray(feats, np.float64)
+  n = len(feats)
+  if feats.ndim != 2 or n < 2:
+    raise ValueError(f'need features (N >= 2, D), got shape {feats.shape}')
+  if n > feats.shape[1]:
+    return frechet_distance(*statistics(feats), ref_mu, ref_sigma, method=method)
+  ref_mu, ref_sigma = np.asarray(ref_mu, np.float64), np.asarray(ref_sigma, np.float64)
+  d = feats.shape[1]
+  if ref_mu.shape != (d,) or ref_sigma.shape != (d, d):
+    raise ValueError(f'reference statistics {ref_mu.shape} {ref_sigma.shape} do not match D={d}')
+  mu = feats.mean(axis=0)
+  x = (feats - mu) / np.sqrt(n - 1.0)
+  k = x @ ref_sigma @ x.T
+  ev = np.linalg.eigvalsh(0.5 * (k + k.T))
+  trace_covmean = np.sqrt(np.clip(ev, 0.0, None)).sum()
+  diff = mu - ref_mu
+  return float(diff @ diff + np.sum(x * x) + np.trace(ref_sigma) - 2.0 * trace_covmean)
+
+
 def fid(images: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, **features_kw) -> float:
   """FID of uint8 images (N, H, W, 1|3) against reference statistics; kwargs go to `features`."""
-  mu, sigma = statistics(features(images, **features_kw))
-  return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+  return fid_from_features(features(images, **features_kw), ref_mu, ref_sigma)
 
 
 # ----------------------------------------------------------------------------- reference statistics
@@ -196,7 +227,7 @@ def reference_statistics(dataset: str, split: str, images_fn: Callable[[], np.nd
       with np.load(path, allow_pickle=False) as z:
         if str(z['key']) == key:
           return z['mu'], z['sigma']
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
       pass  # unreadable or foreign file: recompute and overwrite
   images = np.asarray(images_fn())
   if max_images is not None:

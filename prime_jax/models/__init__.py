@@ -2,5 +2,6 @@
 
 from prime_jax.models.dit import DiT, flops_per_token, param_counts, preset
 from prime_jax.models.embed import SubtokenEmbed
+from prime_jax.models.unet import UNet
 
-__all__ = ['DiT', 'SubtokenEmbed', 'flops_per_token', 'param_counts', 'preset']
+__all__ = ['DiT', 'SubtokenEmbed', 'UNet', 'flops_per_token', 'param_counts', 'preset']
