@@ -11,6 +11,7 @@ from configs import cifar10, fashion_mnist, imagenet32
 from prime_jax import report
 from prime_jax import train as train_lib
 from prime_jax.data import images
+from prime_jax.models import unet
 
 LN256 = math.log(256.0)
 
@@ -173,6 +174,10 @@ def test_paper_configs():
     cifar10.get_config('ell=5')
   f = fashion_mnist.get_config('ell=4')
   assert f.diffusion.ell == 4 and f.data.source == 'fashion_mnist' and f.model.name == 'unet'
+  for cfg, name in ((f, 'cpu'), (c, 'paper')):  # the configs hold the model presets
+    want = unet.preset(name)
+    assert want.pop('dropout') == cfg.model.dropout
+    assert {k: cfg.model.unet[k] for k in want} == want
 
 
 def test_model_and_data_must_agree():
