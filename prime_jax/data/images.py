@@ -247,12 +247,7 @@ def make_image_pipeline(source: str, split: str, *, batch_size: int, seed: int, 
   (`next`, `get_state`, `set_state`).
   """
   grain = pipeline._grain()  # pylint: disable=protected-access
-  if batch_size <= 0:
-    raise ValueError(f'batch_size={batch_size} must be positive (it is the PER-HOST batch).')
-  if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
-    raise ValueError(f'seed={seed!r} must be an int in [0, 2**32): grain shuffle seeds are 32-bit.')
-  if worker_count < 0:
-    raise ValueError(f'worker_count={worker_count} must be >= 0 (0 reads in this process).')
+  pipeline.check_args(batch_size, seed, worker_count)
   # pylint: disable-next=protected-access
   shard_index, shard_count = pipeline._host_shard(shard_index, shard_count)
   shape = image_shape(source)

@@ -95,6 +95,16 @@ def _host_shard(shard_index: Optional[int], shard_count: Optional[int]) -> tuple
   return shard_index, shard_count
 
 
+def check_args(batch_size: int, seed: Any, worker_count: int) -> None:
+  """The argument checks every grain pipeline here makes (text and images)."""
+  if batch_size <= 0:
+    raise ValueError(f'batch_size={batch_size} must be positive (it is the PER-HOST batch).')
+  if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+    raise ValueError(f'seed={seed!r} must be an int in [0, 2**32): grain shuffle seeds are 32-bit.')
+  if worker_count < 0:
+    raise ValueError(f'worker_count={worker_count} must be >= 0 (0 reads in this process).')
+
+
 def make_pipeline(sequences: Sequence[Any], *, seq_len: int, batch_size: int, seed: int,
                   train: bool, shard_index: Optional[int] = None,
                   shard_count: Optional[int] = None, worker_count: int = 0,
@@ -105,12 +115,7 @@ def make_pipeline(sequences: Sequence[Any], *, seq_len: int, batch_size: int, se
   Returns a grain DatasetIterator: `next(it)`, `it.get_state()`, `it.set_state(state)`.
   """
   grain = _grain()
-  if batch_size <= 0:
-    raise ValueError(f'batch_size={batch_size} must be positive (it is the PER-HOST batch).')
-  if not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
-    raise ValueError(f'seed={seed!r} must be an int in [0, 2**32): grain shuffle seeds are 32-bit.')
-  if worker_count < 0:
-    raise ValueError(f'worker_count={worker_count} must be >= 0 (0 reads in this process).')
+  check_args(batch_size, seed, worker_count)
   shard_index, shard_count = _host_shard(shard_index, shard_count)
   num_records = len(sequences)
   if num_records == 0:

@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prime_jax.diffusion import parameterization
+from prime_jax.diffusion import parameterization, samplers
 from prime_jax.diffusion.samplers import PRECISIONS, SampleOutput, draw_tokens
 
 INVALID_MODES = ('redraw', 'keep')
@@ -232,10 +232,6 @@ def corrector_jump(key: jax.Array, y_BxSxK: jax.Array, d_BxSxK: jax.Array,
 # -- the sampler -----------------------------------------------------------------------------------
 
 
-def _is_traced(x) -> bool:
-  return isinstance(x, jax.core.Tracer)
-
-
 def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
            settings: ImageSamplerSettings = ImageSamplerSettings(),
            condition: Optional[tuple[jax.Array, jax.Array]] = None, params: Any = None,
@@ -280,16 +276,7 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
     tables = {k: jnp.asarray(v, dtype) for k, v in st.step_tables().items()}
     return compiled(*args, tables, jnp.asarray(st.cache), jnp.asarray(st.invalid == 'redraw'))
 
-  if settings.precision == 'fp64' and not jax.config.jax_enable_x64:
-    if _is_traced(key) or _is_traced(cond_tokens):
-      raise ValueError(
-          "precision='fp64' runs in its own x64 scope, which cannot be entered inside jax.jit: "
-          "call sample() outside jit (it compiles itself), enable jax_enable_x64 globally, or use "
-          "precision='fp32_hires'.")
-    with jax.enable_x64(True):
-      out = run(key, cond_tokens, cond_keep, params)
-      return jax.tree.map(lambda a: a.astype(jnp.int32), out)
-  return run(key, cond_tokens, cond_keep, params)
+  return samplers.run_in_precision(run, settings.precision, key, cond_tokens, cond_keep, params)
 
 
 @functools.partial(jax.jit, static_argnames=(

@@ -152,7 +152,13 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
     if tuple(cond_tokens.shape) != shape or tuple(cond_keep.shape) != shape:
       raise ValueError(f'condition arrays must have shape {shape}, got {cond_tokens.shape} and '
                        f'{cond_keep.shape}.')
-  run = functools.partial(_sample_jit, **static)
+  return run_in_precision(functools.partial(_sample_jit, **static), precision, key, cond_tokens,
+                          cond_keep, params)
+
+
+def run_in_precision(run: Callable[..., SampleOutput], precision: str, key, cond_tokens,
+                     cond_keep, params) -> SampleOutput:
+  """run(key, cond_tokens, cond_keep, params), inside a scoped x64 for 'fp64' (shared by samplers)."""
   if precision == 'fp64' and not jax.config.jax_enable_x64:
     if _is_traced(key) or _is_traced(cond_tokens):
       raise ValueError(

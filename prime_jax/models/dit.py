@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prime_jax.models.embed import SubtokenEmbed
-from prime_jax.models.layers import Dense, LayerNorm
+from prime_jax.models.layers import Dense, LayerNorm, dropout_key
 
 LOGICAL_AXIS_NAMES = ('layers', 'vocab', 'embed', 'qkv', 'heads', 'mlp', 'modulation', 'cond',
                       'cond_in', 'freq')
@@ -187,16 +187,6 @@ class FinalLayer(nnx.Module):
     return _modulate(self.norm(x_BxLxD), shift, scale)
 
 
-def _dropout_key(rngs: nnx.Rngs | nnx.RngStream | jax.Array | None) -> jax.Array:
-  if rngs is None:
-    raise ValueError('deterministic=False needs `rngs` (a PRNG key or nnx.Rngs) for dropout.')
-  if isinstance(rngs, nnx.Rngs):
-    return rngs.dropout()
-  if isinstance(rngs, nnx.RngStream):
-    return rngs()
-  return rngs
-
-
 class DiT(nnx.Module):
   """Sub-tokens y (B, L, K) -> logits (B, L, C) over the C token classes, float32.
 
@@ -276,7 +266,7 @@ class DiT(nnx.Module):
     if not self.time_conditioning or sigma_B is None:
       sigma_B = jnp.zeros((b,), jnp.float32)
     deterministic = deterministic or self.dropout_rate == 0.0
-    keys_S = None if deterministic else jax.random.split(_dropout_key(rngs), self.num_layers)
+    keys_S = None if deterministic else jax.random.split(dropout_key(rngs), self.num_layers)
 
     x_BxLxD = self.embed(y_BxLxK).astype(jnp.float32)
     c_BxE = jax.nn.silu(self.time_embed(sigma_B))

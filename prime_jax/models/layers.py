@@ -95,3 +95,14 @@ class LayerNorm(nnx.Module):
     mean = x.mean(axis=-1, keepdims=True)
     var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+
+
+def dropout_key(rngs: nnx.Rngs | nnx.RngStream | jax.Array | None) -> jax.Array:
+  """One PRNG key for a model's dropout from nnx.Rngs (its 'dropout' stream), a stream, or a key."""
+  if rngs is None:
+    raise ValueError('deterministic=False needs `rngs` (a PRNG key or nnx.Rngs) for dropout.')
+  if isinstance(rngs, nnx.Rngs):
+    return rngs.dropout()
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  return rngs

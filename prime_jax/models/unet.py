@@ -45,7 +45,8 @@ from flax import nnx
 
 from prime_jax.models.dit import timestep_features
 from prime_jax.models.embed import SubtokenEmbed
-from prime_jax.models.layers import Dense, make_param, ones_init, uniform_init, zeros_init
+from prime_jax.models.layers import (Dense, dropout_key, make_param, ones_init, uniform_init,
+                                     zeros_init)
 
 LOGICAL_AXIS_NAMES = ('vocab', 'embed', 'mlp', 'conv_h', 'conv_w', 'modulation', 'qkv', 'heads',
                       'out', 'cond', 'cond_in', 'freq')
@@ -206,16 +207,6 @@ def upsample(x_BxHxWxD: jax.Array) -> jax.Array:
   return jnp.repeat(jnp.repeat(x_BxHxWxD, 2, axis=1), 2, axis=2)
 
 
-def _dropout_key(rngs: nnx.Rngs | nnx.RngStream | jax.Array | None) -> jax.Array:
-  if rngs is None:
-    raise ValueError('deterministic=False needs `rngs` (a PRNG key or nnx.Rngs) for dropout.')
-  if isinstance(rngs, nnx.Rngs):
-    return rngs.dropout()
-  if isinstance(rngs, nnx.RngStream):
-    return rngs()
-  return rngs
-
-
 # ------------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------------
@@ -327,7 +318,7 @@ class UNet(nnx.Module):
       c_BxE = jax.nn.silu(self.time_fc2(jax.nn.silu(self.time_fc1(feats))))
     deterministic = deterministic or self.dropout_rate == 0.0
     n_res = sum(s is not None for s in self.down) + 2 + len(self.up)
-    keys = None if deterministic else list(jax.random.split(_dropout_key(rngs), n_res))
+    keys = None if deterministic else list(jax.random.split(dropout_key(rngs), n_res))
     next_key = lambda: None if keys is None else keys.pop()
 
     def run(block, x, key):
