@@ -323,11 +323,9 @@ def _parse_set(spec: str) -> tuple[str, str]:
   if ':' in spec:
     source, split = spec.split(':', 1)
     return source, split
-  try:
-    from prime_jax.data import zeroshot  # pylint: disable=import-outside-toplevel
-    return spec, zeroshot.default_split(spec)
-  except (ImportError, AttributeError, KeyError):
-    return spec, 'all' if spec == 'moby_dick' else 'validation'
+  from prime_jax.data import zeroshot  # pylint: disable=import-outside-toplevel
+  known = zeroshot.ZERO_SHOT.get(spec)
+  return spec, known.split if known else 'validation'
 
 
 def run_sample(cfg, workdir: str, *, step: Optional[int] = None, num_samples: int = 16,
