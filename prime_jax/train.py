@@ -112,12 +112,13 @@ def build_model(cfg: ml_collections.ConfigDict, codec: subtokens.Codec,
 
 def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):
   """AdamW with warm-up then constant or cosine, gradient clipping. Returns (tx, lr schedule)."""
-  warmup = max(int(o.warmup_steps), 0)
+  warmup = max(int(o.warmup_steps), 1)
   if o.schedule == 'constant':
-    lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(warmup, 1)),
-                               optax.constant_schedule(o.lr)], [max(warmup, 1)])
+    lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup),
+                               optax.constant_schedule(o.lr)], [warmup])
   elif o.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(warmup, 1), max(num_steps, warmup + 1),
+    # decay_steps counts the warm-up and must exceed it, also for runs shorter than the warm-up.
+    lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(num_steps, warmup + 1),
                                             end_value=o.lr * o.final_lr_frac)
   else:
     raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}.")

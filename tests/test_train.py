@@ -47,6 +47,17 @@ def _step_once(cfg, devices, batch_np):
   return jax.device_get(state.params), jax.device_get(m)
 
 
+@pytest.mark.parametrize('schedule', ['constant', 'cosine'])
+@pytest.mark.parametrize('warmup,num_steps', [(0, 1), (0, 10), (5, 3), (5, 5)])
+def test_lr_schedule_builds_for_runs_shorter_than_the_warmup(schedule, warmup, num_steps):
+  cfg = tiny_config(**{'optim.schedule': schedule, 'optim.warmup_steps': warmup})
+  _, lr = train_lib.make_optimizer(cfg.optim, num_steps)
+  values = np.array([float(lr(i)) for i in range(num_steps + 2)])
+  assert values[0] == 0.0 and np.all(np.isfinite(values))
+  assert values.max() <= cfg.optim.lr * (1 + 1e-6)
+  assert float(lr(max(warmup, 1))) == pytest.approx(cfg.optim.lr, rel=1e-6)  # the peak, once warm
+
+
 def test_sharded_step_matches_single_device():
   assert jax.device_count() == 8
   batch = np.random.default_rng(0).integers(0, 50257, size=(8, 32)).astype(np.int32)
