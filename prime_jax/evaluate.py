@@ -45,8 +45,11 @@ def eval_times(key_B: jax.Array, num_t: int, eps: float) -> jax.Array:
 
 
 def eval_sums(params, batch: dict, *, graphdef, task: train_lib.Task, num_t: int,
-              seed: int) -> dict:
+              seed: int, t_fixed: Optional[float] = None) -> dict:
   """Sums of the per-token losses over the real rows of a batch, averaged over J time samples.
+
+  t_fixed: every time sample at this t (the NELBO integrand at t, not the bound); masks still
+  differ per sequence and sample.
 
   batch: tokens (B, L) int32, mask (B,) bool (False for padding), index (B,) int32 global sequence
   index (the randomness is keyed on it).
@@ -54,6 +57,8 @@ def eval_sums(params, batch: dict, *, graphdef, task: train_lib.Task, num_t: int
   x0_BxL = batch['tokens']
   key_B = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(batch['index'])
   t_BxJ = eval_times(key_B, num_t, task.sampling_eps)
+  if t_fixed is not None:
+    t_BxJ = jnp.full_like(t_BxJ, t_fixed)
   y0 = task.codec.encode(x0_BxL)
   w_BxL = jnp.broadcast_to(batch['mask'][:, None], x0_BxL.shape).astype(jnp.float32)
 
@@ -75,8 +80,13 @@ class Evaluator:
   """Compiled likelihood evaluation on a mesh; `run` evaluates one source/split."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, mesh, graphdef, param_shardings,
-               task: train_lib.Task, *, num_t: Optional[int] = None, seed: Optional[int] = None):
+               task: train_lib.Task, *, num_t: Optional[int] = None, seed: Optional[int] = None,
+               t_fixed: Optional[float] = None):
     self.cfg, self.mesh, self.task = cfg, mesh, task
+    if t_fixed is not None and not 0.0 < t_fixed < 1.0:
+      raise ValueError(f'A fixed evaluation time must lie in (0, 1), got {t_fixed}.')
+    self.t_fixed = t_fixed
+    self.last_counts: Optional[np.ndarray] = None  # (C,) token histogram of the last `run`
     self.num_t = int(num_t or cfg.eval.get('num_t', 1))
     self.seed = int(cfg.eval.seed if seed is None else seed)
     if self.num_t < 1:
@@ -86,7 +96,7 @@ class Evaluator:
     row = sharding_lib.batch_sharding(mesh, 1)
     batch_sh = {'tokens': sharding_lib.batch_sharding(mesh), 'mask': row, 'index': row}
     self.step = jax.jit(functools.partial(eval_sums, graphdef=graphdef, task=task,
-                                          num_t=self.num_t, seed=self.seed),
+                                          num_t=self.num_t, seed=self.seed, t_fixed=t_fixed),
                         in_shardings=(param_shardings, batch_sh))
 
   def run(self, params, source: Optional[str] = None, split: Optional[str] = None, *,
@@ -107,6 +117,7 @@ class Evaluator:
       total = min(total, num_batches)
     bar = _progress(total, f'eval {source}/{split}') if progress else None
     sums = {'nelbo': 0.0, 'paper': 0.0, 'tokens': 0.0}
+    counts = np.zeros(self.task.codec.vocab_size, np.int64)  # the real tokens evaluated
     n, t0 = 0, time.time()
     for local in it:
       if n >= total:
@@ -115,6 +126,8 @@ class Evaluator:
       arrays = {'tokens': np.asarray(local['tokens'], np.int32),
                 'mask': np.asarray(local['mask'], bool),
                 'index': np.asarray(local['index'], np.int32)}
+      counts += np.bincount(arrays['tokens'][arrays['mask']].ravel(),
+                            minlength=counts.size)[:counts.size]
       m = jax.device_get(self.step(params, sharding_lib.global_batch(arrays, self.mesh)))
       for k in sums:
         sums[k] += float(m[k])
@@ -126,8 +139,10 @@ class Evaluator:
     if sums['tokens'] == 0:
       raise ValueError(f'The {split} split of {source} is empty at sequence length '
                        f'{cfg.data.seq_len}.')
+    self.last_counts = counts
+    extra = {} if self.t_fixed is None else {'t': self.t_fixed}
     return summarize(sums, source=source, split=split, batches=n, num_t=self.num_t,
-                     seed=self.seed, wall_s=time.time() - t0)
+                     seed=self.seed, wall_s=time.time() - t0, **extra)
 
 
 def summarize(sums: dict, **extra) -> dict[str, Any]:
@@ -287,8 +302,13 @@ def _write_json(path: str, obj: Any) -> None:
 
 def run_eval(cfg, workdir: str, *, step: Optional[int] = None, sets: Sequence[str] = (),
              num_t: Optional[int] = None, num_batches: Optional[int] = None,
-             data_dir: Optional[str] = None, use_ema: bool = True) -> dict[str, Any]:
-  """--mode eval: restores a checkpoint and evaluates the validation split and zero-shot sets."""
+             data_dir: Optional[str] = None, use_ema: bool = True,
+             t_grid: Sequence[float] = ()) -> dict[str, Any]:
+  """--mode eval: restores a checkpoint and evaluates the validation split and zero-shot sets.
+
+  t_grid (text): also the NELBO integrand at each of these times on the validation split, beside
+  the exact integrand of the training unigram on the same tokens (`report.unigram_integrand`).
+  """
   r = Restored(cfg, workdir, step=step, use_ema=use_ema)
   if r.task.image:  # images: BPD from the valid bound, on the validation split
     res = train_lib.Trainer(cfg, workdir).evaluate(r.params)
@@ -312,11 +332,42 @@ def run_eval(cfg, workdir: str, *, step: Optional[int] = None, sets: Sequence[st
     if jax.process_index() == 0:
       print(format_result(res), flush=True)
   out = {'step': r.step, 'workdir': workdir, 'ell': r.codec.ell, 'results': results}
+  if t_grid:
+    out['t_grid'] = integrand_grid(cfg, r, t_grid, num_t=num_t, num_batches=num_batches,
+                                   data_dir=data_dir)
   path = os.path.join(workdir, f'eval_step{r.step}.json')
   _write_json(path, out)
   if jax.process_index() == 0:
     print(f'wrote {path}', flush=True)
   return out
+
+
+def integrand_grid(cfg, r: Restored, t_grid: Sequence[float], *, num_t: Optional[int] = None,
+                   num_batches: Optional[int] = None,
+                   data_dir: Optional[str] = None) -> list[dict[str, float]]:
+  """The model's NELBO integrand (nats/token) at fixed times vs the unigram's on the same tokens.
+
+  A model that learned context sits well below the unigram at small t (most neighbours visible);
+  one that learned only token frequencies sits on it at every t.
+  """
+  from prime_jax import report  # pylint: disable=import-outside-toplevel
+  from prime_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  train = np.asarray(pipeline.unigram_counts(cfg.data.source, 'train', cfg.data.seq_len,
+                                             data_dir=data_dir or cfg.data.data_dir or None),
+                     np.float64)
+  log_p = np.log((train + 1.0) / (train.sum() + train.size))
+  rows = []
+  for t in sorted(float(x) for x in t_grid):
+    ev = Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task, num_t=num_t, t_fixed=t)
+    res = ev.run(r.params, cfg.data.source, cfg.eval.split, num_batches=num_batches,
+                 data_dir=data_dir)
+    uni = report.unigram_integrand(log_p, ev.last_counts, r.codec, r.task.schedule, t)
+    rows.append({'t': t, 'model': res['nll'], 'paper': res['paper_objective'], 'unigram': uni,
+                 'tokens': res['tokens']})
+    if jax.process_index() == 0:
+      print(f"t = {t:.3f}: NELBO integrand {res['nll']:.4f} nats/token; training unigram "
+            f"(no context) {uni:.4f}; difference {res['nll'] - uni:+.4f}", flush=True)
+  return rows
 
 
 def _parse_set(spec: str) -> tuple[str, str]:

@@ -22,6 +22,8 @@ _SETS = flags.DEFINE_list('eval_sets', [], 'Extra sets for --mode eval, e.g. mob
                           '(SOURCE or SOURCE:SPLIT); local sets are read from --data_dir.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Folder of local zero-shot sets / TFDS data.')
 _NUM_T = flags.DEFINE_integer('num_t', None, 'Stratified times per sequence (default eval.num_t).')
+_T_GRID = flags.DEFINE_list('t_grid', [], '--mode eval (text): also the NELBO integrand at these '
+                            'times, e.g. 0.02,0.1,0.5,0.9, beside the training unigram\'s.')
 _NUM_BATCHES = flags.DEFINE_integer('num_batches', None,
                                     'Evaluation batches (default eval.num_batches; 0 = all).')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 16, 'Samples for --mode sample.')
@@ -64,7 +66,8 @@ def main(argv):
     from prime_jax import evaluate
     evaluate.run_eval(cfg, _WORKDIR.value, step=_STEP.value, sets=_SETS.value,
                       num_t=_NUM_T.value, num_batches=_NUM_BATCHES.value,
-                      data_dir=_DATA_DIR.value, use_ema=not _RAW.value)
+                      data_dir=_DATA_DIR.value, use_ema=not _RAW.value,
+                      t_grid=[float(t) for t in _T_GRID.value])
   elif _MODE.value == 'fid':
     from prime_jax import evaluate_images
     evaluate_images.run_fid(cfg, _WORKDIR.value, step=_STEP.value, num_samples=_NUM_SAMPLES.value,

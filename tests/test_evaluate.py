@@ -154,3 +154,47 @@ def test_sample_mode_output(trained, precision):
   assert 0 < nfe <= steps + 1
   with open(os.path.join(workdir, tag + '.json')) as f:
     assert json.load(f)['num_samples'] == 3
+
+
+@pytest.mark.parametrize('ell,vocab', [(1, 20), (2, 20), (3, 20), (3, 27)])
+def test_unigram_integrand_integrates_to_the_unigram_nll(ell, vocab):
+  """Tokens independent: the unigram with carry-over is the exact posterior and the NELBO is tight,
+  so the integrand's integral over t is exactly -log p per token (here by quadrature)."""
+  from scipy import integrate
+  from prime_jax import report
+  from prime_jax.diffusion import subtokens
+  rng = np.random.default_rng(ell)
+  codec = subtokens.Codec(vocab, ell)
+  p = rng.dirichlet(np.ones(vocab) * 0.5)
+  log_p = np.log(p)
+  counts = p * 1e6  # tokens drawn from p itself: the entropy inequalities below hold
+  nll = float(-(counts * log_p).sum() / counts.sum())
+  sched = schedules.get('linear')
+  f = lambda t: report.unigram_integrand(log_p, counts, codec, sched, t)
+  value, _ = integrate.quad(f, 0.0, 1.0, epsabs=1e-10, limit=200)
+  np.testing.assert_allclose(value, nll, rtol=1e-7)
+  if ell == 1:  # one digit: the integrand is the NLL at every t
+    np.testing.assert_allclose([f(0.1), f(0.9)], nll, rtol=1e-6)
+  else:  # sum_j H(d_j | other digits) <= H(token) <= sum_j H(d_j): t -> 0 and t -> 1
+    assert f(0.05) < nll < f(0.95)
+
+
+def test_integrand_grid_of_an_untrained_unigram_model_is_the_unigram_floor():
+  """The head starts at the training unigram (zero kernel): its integrand at each fixed t is the
+  exact unigram integrand, up to Monte Carlo error; t must really be fixed (0.1 vs 0.9 differ)."""
+  import types
+  cfg = tiny_config(**{'data.seq_len': 16, 'eval.batch_size': 8})
+  tr = train_lib.Trainer(cfg, '', devices=jax.devices()[:1])
+  state = train_lib.init_state(cfg, tr.codec, tr.tx, tr.mesh, tr.shardings,
+                               train_lib.head_bias_prior(cfg))
+  r = types.SimpleNamespace(mesh=tr.mesh, graphdef=tr.graphdef,
+                            param_shardings=tr.shardings.params, task=tr.task,
+                            params=state.params, codec=tr.codec)
+  rows = evaluate.integrand_grid(cfg, r, [0.9, 0.1], num_t=32, num_batches=4)
+  assert [row['t'] for row in rows] == [0.1, 0.9]
+  assert all(row['tokens'] == 4 * 8 * 16 for row in rows)
+  for row in rows:
+    assert abs(row['model'] - row['unigram']) < 0.25, row
+  assert rows[1]['unigram'] - rows[0]['unigram'] > 1.0
+  with pytest.raises(ValueError, match='fixed evaluation time'):
+    evaluate.Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task, t_fixed=1.0)
