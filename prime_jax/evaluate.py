@@ -352,10 +352,8 @@ def integrand_grid(cfg, r: Restored, t_grid: Sequence[float], *, num_t: Optional
   """
   from prime_jax import report  # pylint: disable=import-outside-toplevel
   from prime_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  train = np.asarray(pipeline.unigram_counts(cfg.data.source, 'train', cfg.data.seq_len,
-                                             data_dir=data_dir or cfg.data.data_dir or None),
-                     np.float64)
-  log_p = np.log((train + 1.0) / (train.sum() + train.size))
+  log_p = pipeline.unigram_log_probs(cfg.data.source, cfg.data.seq_len,
+                                     data_dir=data_dir or cfg.data.data_dir or None)
   rows = []
   for t in sorted(float(x) for x in t_grid):
     ev = Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task, num_t=num_t, t_fixed=t)

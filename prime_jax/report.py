@@ -13,10 +13,9 @@ import numpy as np
 def unigram_baseline_nll(source: str, seq_len: int) -> float:
   """Validation cross-entropy (nats/token) of the add-one-smoothed training unigram model."""
   from prime_jax.data import pipeline
-  train = np.asarray(pipeline.unigram_counts(source, 'train', seq_len), np.float64)
+  log_p = pipeline.unigram_log_probs(source, seq_len)
   val = np.asarray(pipeline.unigram_counts(source, 'validation', seq_len), np.float64)
-  p = (train + 1.0) / (train.sum() + train.size)
-  return float(-(val * np.log(p)).sum() / val.sum())
+  return float(-(val * log_p).sum() / val.sum())
 
 
 def unigram_integrand(log_p_C: np.ndarray, counts_C: np.ndarray, codec, schedule,

@@ -271,9 +271,8 @@ def head_bias_prior(cfg) -> np.ndarray | None:
   if mode != 'unigram':
     raise ValueError(f"model.head_bias_init must be '' or 'unigram', got {mode!r}.")
   from prime_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  counts = np.asarray(pipeline.unigram_counts(cfg.data.source, 'train', cfg.data.seq_len,
-                                              data_dir=cfg.data.data_dir or None), np.float64)
-  return np.log((counts + 1.0) / (counts.sum() + counts.size)).astype(np.float32)
+  return pipeline.unigram_log_probs(cfg.data.source, cfg.data.seq_len,
+                                    data_dir=cfg.data.data_dir or None).astype(np.float32)
 
 
 def init_state(cfg, codec, tx, mesh, shardings, head_bias_C: np.ndarray | None = None):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from prime_jax.data import text
-from prime_jax.data.text import unigram_counts  # noqa: F401  (part of this module's API)
+from prime_jax.data.text import unigram_counts, unigram_log_probs  # noqa: F401  (module API)
 from prime_jax.data.tokenizer import EOS_ID, VOCAB_SIZE, check_ids
 
 if TYPE_CHECKING:  # grain (and orbax, through grain.checkpoint) load lazily

@@ -307,6 +307,13 @@ def unigram_counts(source: str, split: str, seq_len: int, *,
   return counts
 
 
+def unigram_log_probs(source: str, seq_len: int, *, data_dir: Optional[str] = None) -> np.ndarray:
+  """(C,) float64 log p of the add-one-smoothed training unigram: the baseline every report, the
+  unigram head initialisation and the per-t unigram floor share."""
+  counts = unigram_counts(source, 'train', seq_len, data_dir=data_dir).astype(np.float64)
+  return np.log((counts + 1.0) / (counts.sum() + counts.size))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m prime_jax.data.text')
   sub = parser.add_subparsers(dest='command', required=True)
