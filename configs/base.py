@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.time_conditioning = False  # the reference forces sigma = 0 (SPEC 2.1)
   c.model.scan_layers = False
   c.model.remat = False
+  c.model.head_init_scale = 0.0  # head kernel ~ U(±s/sqrt(D)); 0 = zeros, as the reference
   c.model.head_bias_init = ''  # 'unigram': start the head at log p(token) of the training data
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32 ('bfloat16' on TPU/GPU)
   # model.name = 'unet': the discrete UNet (SPEC 8.2); the defaults are the paper's CIFAR-10 model.
@@ -72,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 10_000
   c.train.ckpt_every = 5_000
   c.train.keep_ckpts = 3
+  c.train.compact_head = True  # text: the head skips fully visible tokens (exact; unsharded batch)
   c.train.peak_flops = 0.0  # per device, for MFU; 0 = guess from the device kind
 
   c.eval = ml_collections.ConfigDict()

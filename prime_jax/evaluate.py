@@ -174,7 +174,7 @@ class Restored:
     self.cfg, self.workdir = cfg, workdir
     sharding_lib.maybe_initialize_distributed()
     self.mesh = sharding_lib.make_mesh(dict(cfg.mesh), devices)
-    self.task = train_lib.build_task(cfg)
+    self.task = train_lib.build_task(cfg, self.mesh)
     self.codec = self.task.codec
     tx, _ = train_lib.make_optimizer(cfg.optim, cfg.train.num_steps)
     self.graphdef, abs_state, self.shardings = train_lib.state_shardings(cfg, self.codec, tx,

@@ -48,6 +48,8 @@ class Task:
   sampling_eps: float
   antithetic: bool
   image: bool = False  # UNet on a (H, W, channels) token grid: logits are materialised (C = 256)
+  # > 0: the text head runs only on tokens with a masked sub-token (fused_head.head_losses).
+  head_active_fraction: float = 0.0
 
 
 # -- building blocks from the config ----------------------------------------------------------------
@@ -59,17 +61,24 @@ def build_codec(cfg: ml_collections.ConfigDict) -> subtokens.Codec:
                          shuffle_seed=None if d.shuffle_seed < 0 else d.shuffle_seed)
 
 
-def build_task(cfg: ml_collections.ConfigDict) -> Task:
+def build_task(cfg: ml_collections.ConfigDict, mesh=None) -> Task:
+  """The static description of the diffusion problem. With a `mesh` whose batch is not sharded
+  (data * fsdp == 1) and `train.compact_head`, the text head skips fully visible tokens (exact)."""
   d = cfg.diffusion
   if d.objective not in ('nelbo', 'paper'):
     raise ValueError(f"diffusion.objective must be 'nelbo' or 'paper', got {d.objective!r}.")
   kw = {'eps': d.schedule_eps} if d.schedule == 'loglinear' else {}
   if d.schedule == 'poly':
     kw = {'n': d.get('schedule_n', 3.0)}
-  return Task(codec=build_codec(cfg), schedule=schedules.get(d.schedule, **kw),
-              carry_over=bool(d.carry_over), objective=d.objective,
-              sampling_eps=float(d.sampling_eps), antithetic=bool(d.antithetic),
-              image=is_image(cfg))
+  schedule, image = schedules.get(d.schedule, **kw), is_image(cfg)
+  codec = build_codec(cfg)
+  fraction = 0.0
+  if (mesh is not None and cfg.train.get('compact_head', True) and d.carry_over and not image
+      and mesh.shape.get('data', 1) * mesh.shape.get('fsdp', 1) == 1):
+    fraction = fused_head.active_fraction(schedule, codec.ell, float(d.sampling_eps))
+  return Task(codec=codec, schedule=schedule, carry_over=bool(d.carry_over),
+              objective=d.objective, sampling_eps=float(d.sampling_eps),
+              antithetic=bool(d.antithetic), image=image, head_active_fraction=fraction)
 
 
 def is_image(cfg: ml_collections.ConfigDict) -> bool:
@@ -107,7 +116,8 @@ def build_model(cfg: ml_collections.ConfigDict, codec: subtokens.Codec,
   return dit.DiT(vocab_size=codec.vocab_size, base=codec.base, ell=codec.ell, dim=m.dim,
                  num_heads=m.num_heads, num_layers=m.num_layers, cond_dim=m.cond_dim,
                  mlp_ratio=m.mlp_ratio, dropout=m.dropout, time_conditioning=m.time_conditioning,
-                 scan_layers=m.scan_layers, remat=m.remat, dtype=dtype, rngs=rngs)
+                 scan_layers=m.scan_layers, remat=m.remat, dtype=dtype,
+                 head_init_scale=m.get('head_init_scale', 0.0), rngs=rngs)
 
 
 def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):
@@ -160,7 +170,8 @@ def losses_at(params, graphdef, x0_BxL, t_B, y_t, task: Task, *, train: bool = F
   # logits are materialised (equal to objectives.fused_losses on model(y_t); tested).
   return fused_head.head_losses(h_BxLxD, kernel_DxC, bias_C, x0_BxL, y_t, t_B, task.codec,
                                 schedule=task.schedule, carry_over=task.carry_over,
-                                with_nelbo=with_nelbo)
+                                with_nelbo=with_nelbo,
+                                active_fraction=task.head_active_fraction)
 
 
 def image_losses(params, graphdef, x0_BxHxWxC, key, task: Task, *, train: bool):
@@ -334,7 +345,7 @@ class Trainer:
     sharding_lib.check_batch(cfg.data.batch_size, self.mesh)
     self.eval_batch = cfg.eval.batch_size or cfg.data.batch_size
     sharding_lib.check_batch(self.eval_batch, self.mesh)
-    self.task = build_task(cfg)
+    self.task = build_task(cfg, self.mesh)
     self.codec = self.task.codec
     self.tx, self.lr = make_optimizer(cfg.optim, cfg.train.num_steps)
     self.graphdef, self.abs_state, self.shardings = state_shardings(cfg, self.codec, self.tx,

@@ -58,3 +58,54 @@ def test_paper_only_skips_nelbo():
                                schedule='linear', with_nelbo=False)
   assert set(out) == {'paper'}
   np.testing.assert_allclose(out['paper'], np.log(30), rtol=1e-6)  # uniform over 30 classes
+
+
+@pytest.mark.parametrize('ell,with_nelbo', [(2, True), (1, False), (3, True)])
+@pytest.mark.parametrize('t_range', [(0.01, 0.2), (0.9, 1.0)])  # compact branch, then overflow
+def test_compact_head_equals_full_head(ell, with_nelbo, t_range):
+  """Running the head only on tokens with a masked sub-token changes no value and no gradient,
+  whether the active tokens fit the capacity (compacted) or not (the full-head fallback)."""
+  C, B, L, D = 300, 16, 64, 8
+  codec = subtokens.Codec(C, ell)
+  rng = np.random.default_rng(ell)
+  h = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  W = jnp.asarray(rng.normal(size=(D, C)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(C,)), jnp.float32)
+  x0 = jnp.asarray(rng.integers(0, C, (B, L)))
+  t = jnp.asarray(np.linspace(*t_range, B), jnp.float32)
+  y = forward.mask(jax.random.key(1), codec.encode(x0), t, schedule='loglinear',
+                   mask_id=codec.mask_id)
+  fraction = 0.3
+  cap = fused_head.head_capacity(B * L, fraction)
+  n_active = int(jnp.sum(jnp.any(y == codec.mask_id, axis=-1)))
+  assert cap < B * L and (n_active <= cap) == (t_range[1] < 0.5), (n_active, cap)
+
+  def loss(h, W, b, fraction):
+    o = fused_head.head_losses(h, W, b, x0, y, t, codec, schedule='loglinear', tile=64,
+                               with_nelbo=with_nelbo, active_fraction=fraction)
+    total = o['paper'].sum() + (1.3 * o['nelbo'].sum() if with_nelbo else 0.0)
+    return total, o
+
+  grad = lambda f: jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                           static_argnums=3)(h, W, b, f)
+  (_, o_ref), g_ref = grad(0.0)
+  (_, o), g = grad(fraction)
+  for k in o_ref:
+    np.testing.assert_allclose(o[k], o_ref[k], rtol=1e-5, atol=1e-5)
+  for a, c in zip(g, g_ref):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5 * float(jnp.abs(c).max()))
+  # Fully visible tokens contribute nothing, so their features get no gradient.
+  visible = np.asarray(~jnp.any(y == codec.mask_id, axis=-1))
+  assert visible.any() or t_range[0] > 0.5
+  assert np.all(np.asarray(g[0])[visible] == 0)
+
+
+def test_active_fraction_and_capacity():
+  # Log-linear schedule: 1 - alpha = t (up to eps), so E[1 - (1 - t)^ell] = ell / (ell + 1).
+  for ell in (1, 2, 4):
+    f = fused_head.active_fraction('loglinear', ell, eps=0.0)
+    assert abs(f - ell / (ell + 1)) < 2e-3, (ell, f)
+  assert fused_head.head_capacity(2048, 0.0) == 2048  # off
+  assert fused_head.head_capacity(2048, 0.9) == 2048  # too little to gain
+  cap = fused_head.head_capacity(2048, 2 / 3)
+  assert 2 / 3 * 2048 < cap < 0.8 * 2048 and cap % 8 == 0

@@ -142,26 +142,89 @@ def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangent
 _losses.defvjp(_losses_fwd, _losses_bwd)
 
 
+def active_fraction(schedule, ell: int, eps: float, n: int = 4096) -> float:
+  """E_t[1 - alpha(t)^ell], t ~ U[eps, 1): the expected share of tokens with a masked sub-token,
+  i.e. of the rows the head has to run on under carry-over (fully visible tokens cost nothing)."""
+  from prime_jax.diffusion import schedules as schedules_lib
+  schedule = schedules_lib.as_schedule(schedule)
+  t = eps + (1.0 - eps) * (np.arange(n) + 0.5) / n
+  alpha = np.asarray(schedule.alpha(jnp.asarray(t, jnp.float32)), np.float64)
+  return float(np.mean(1.0 - alpha**ell))
+
+
+def head_capacity(num_rows: int, fraction: float) -> int:
+  """Rows of the compacted head for a batch of `num_rows` tokens whose expected active share is
+  `fraction`: the mean plus a margin of 2 % and 5 binomial standard deviations (an overflowing
+  batch falls back to the full head, so the margin buys speed, not correctness). num_rows = off."""
+  if fraction <= 0.0:
+    return num_rows
+  cap = fraction * num_rows + 0.02 * num_rows + 5.0 * np.sqrt(num_rows * 0.25)
+  cap = int(np.ceil(cap / 8.0) * 8)  # a multiple of 8 keeps the matmuls aligned
+  return num_rows if cap >= 0.95 * num_rows else cap
+
+
 def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0_BxL: jax.Array,
                 y_t: jax.Array, t_B: jax.Array, codec, *, schedule, carry_over: bool = True,
                 with_nelbo: bool = True, tile: int = 2048,
-                keep_logits_bytes: int = 2**30) -> dict:
+                keep_logits_bytes: int = 2**30, active_fraction: float = 0.0) -> dict:
   """Per-token {'paper', 'nelbo'} (B, L) from the head's input, without (B, L, C) logits.
 
   Same values as objectives.fused_losses(h @ kernel + bias, ...). Gradients flow to h, kernel and
   bias. `tile` is the vocabulary tile (a (B*L, tile) float32 block should fit in cache). The
   forward pass keeps its logit tiles for the backward pass when they take at most
   `keep_logits_bytes` (saving one head matmul); larger batches recompute them.
+
+  `active_fraction` > 0 (carry-over only) runs the head on the tokens with a masked sub-token
+  alone: with carry-over a fully visible token has a single consistent class, so both losses and
+  their gradients are exactly 0 there. The active rows are gathered into a fixed capacity
+  (`head_capacity`, from the expected share `active_fraction`, see `active_fraction()`); the
+  active rows beyond it, if a batch has any, go through a second, recomputing chunk under
+  `lax.cond` (skipped otherwise), so the result is always exact. ell = 2 under the log-linear schedule: 2/3 of the rows on average, ell = 1: 1/2.
+  The gather is over the whole flattened batch: use it when the batch is not sharded.
   """
   from prime_jax.diffusion import schedules as schedules_lib
   schedule = schedules_lib.as_schedule(schedule)
   B, L, D = h_BxLxD.shape
-  w_BxL = jnp.broadcast_to(schedule.weight(t_B).astype(jnp.float32)[:, None], (B, L))
-  paper, nelbo = _losses(h_BxLxD.reshape(B * L, D), kernel_DxC, bias_C,
-                         x0_BxL.reshape(-1).astype(jnp.int32),
-                         y_t.reshape(B * L, codec.ell).astype(jnp.int32), w_BxL.reshape(-1),
-                         codec, bool(carry_over), bool(with_nelbo), int(tile),
-                         B * L * codec.vocab_size * 4 <= keep_logits_bytes)
+  N, K = B * L, codec.ell
+  w_N = jnp.broadcast_to(schedule.weight(t_B).astype(jnp.float32)[:, None], (B, L)).reshape(-1)
+  h_NxD = h_BxLxD.reshape(N, D)
+  x0_N = x0_BxL.reshape(-1).astype(jnp.int32)
+  y_NxK = y_t.reshape(N, K).astype(jnp.int32)
+
+  def run(h, x0, y, w):
+    keep = h.shape[0] * codec.vocab_size * 4 <= keep_logits_bytes
+    return _losses(h, kernel_DxC, bias_C, x0, y, w, codec, bool(carry_over), bool(with_nelbo),
+                   int(tile), keep)
+
+  cap = head_capacity(N, active_fraction) if (carry_over and active_fraction > 0) else N
+  if cap >= N:
+    paper, nelbo = run(h_NxD, x0_N, y_NxK, w_N)
+  else:
+    active_N = jnp.any(y_NxK == codec.mask_id, axis=-1)
+    n_active = jnp.sum(active_N.astype(jnp.int32))
+    # Rank of each active row among the active rows; the first `cap` go to the main chunk, the
+    # rest (rare: a batch above the expected share plus the margin) to an overflow chunk.
+    rank_N = jnp.where(active_N, jnp.cumsum(active_N.astype(jnp.int32)) - 1, N)
+    rows_R = jnp.zeros((N,), jnp.int32).at[rank_N].set(jnp.arange(N, dtype=jnp.int32),
+                                                       mode='drop')
+    used_R = jnp.arange(N) < n_active
+
+    def chunk(lo, hi, keep_logits_ok=True):
+      # Unused slots point at row 0 with weight 0: no loss and no gradient from them.
+      r, u = rows_R[lo:hi], used_R[lo:hi]
+      w = jnp.where(u, w_N[r], 0.0)
+      if keep_logits_ok:
+        p_R, n_R = run(h_NxD[r], x0_N[r], y_NxK[r], w)
+      else:  # recompute in the backward pass: no (rows, C) residual crosses the lax.cond
+        p_R, n_R = _losses(h_NxD[r], kernel_DxC, bias_C, x0_N[r], y_NxK[r], w, codec,
+                           bool(carry_over), bool(with_nelbo), int(tile), False)
+      scatter = lambda v_R: jnp.zeros((N,), jnp.float32).at[r].add(jnp.where(u, v_R, 0.0))
+      return scatter(p_R), scatter(n_R)
+
+    paper, nelbo = chunk(0, cap)
+    zeros = lambda: (jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32))
+    p2, n2 = jax.lax.cond(n_active > cap, lambda: chunk(cap, N, keep_logits_ok=False), zeros)
+    paper, nelbo = paper + p2, nelbo + n2
   out = {'paper': paper.reshape(B, L)}
   if with_nelbo:
     out['nelbo'] = nelbo.reshape(B, L)

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prime_jax.models.embed import SubtokenEmbed
-from prime_jax.models.layers import Dense, LayerNorm, dropout_key
+from prime_jax.models.layers import Dense, LayerNorm, dropout_key, make_param, uniform_init
 
 LOGICAL_AXIS_NAMES = ('layers', 'vocab', 'embed', 'qkv', 'heads', 'mlp', 'modulation', 'cond',
                       'cond_in', 'freq')
@@ -170,14 +170,26 @@ class DiTBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-  """LN -> adaLN shift/scale -> Linear(D -> O); all zero-initialised, so logits start at 0."""
+  """LN -> adaLN shift/scale -> Linear(D -> O); zero-initialised, so logits start at 0.
 
-  def __init__(self, dim: int, cond_dim: int, num_outputs: int, *, dtype, rngs: nnx.Rngs):
+  `head_init_scale` > 0 draws the head kernel from U(±scale / sqrt(D)) instead (1 is PyTorch's
+  Linear default); the bias stays zero. A zero kernel makes every masked position's logits equal
+  and gives the trunk no gradient at step 0 (the reference's choice; harmless over 10^6 steps,
+  a slow start in a few hundred).
+  """
+
+  def __init__(self, dim: int, cond_dim: int, num_outputs: int, *, dtype, rngs: nnx.Rngs,
+               head_init_scale: float = 0.0):
+    if head_init_scale < 0:
+      raise ValueError(f'head_init_scale must be >= 0 (0 = zero init), got {head_init_scale}.')
     self.norm = LayerNorm(dim, rngs=rngs)
     self.adaln = Dense(cond_dim, 2 * dim, names=('cond', 'modulation'), zero_init=True,
                        dtype=dtype, rngs=rngs)
     self.head = Dense(dim, num_outputs, names=('embed', 'vocab'), zero_init=True, dtype=dtype,
                       rngs=rngs)
+    if head_init_scale > 0:
+      self.head.kernel = make_param(uniform_init(head_init_scale / math.sqrt(dim)),
+                                    ('embed', 'vocab'), (dim, num_outputs), rngs, jnp.float32)
 
   def __call__(self, x_BxLxD: jax.Array, c_BxE: jax.Array) -> jax.Array:
     return self.head(self.features(x_BxLxD, c_BxE)).astype(jnp.float32)
@@ -202,7 +214,7 @@ class DiT(nnx.Module):
                num_layers: int, cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                time_conditioning: bool = False, mask_logit_in_head: Optional[bool] = None,
                scan_layers: bool = False, remat: bool = False, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               head_init_scale: float = 0.0, rngs: nnx.Rngs):
     if base**ell < vocab_size:
       raise ValueError(f'base**ell = {base}**{ell} = {base**ell} < vocab_size = {vocab_size}: the '
                        f'digits cannot represent every token.')
@@ -233,7 +245,7 @@ class DiT(nnx.Module):
     else:
       self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
     self.final = FinalLayer(dim, cond_dim, vocab_size + int(self.mask_logit_in_head), dtype=dtype,
-                            rngs=rngs)
+                            rngs=rngs, head_init_scale=head_init_scale)
 
   def __call__(self, y_BxLxK: jax.Array, sigma_B: Optional[jax.Array] = None, *,
                deterministic: bool = True,
