@@ -117,7 +117,8 @@ def build_model(cfg: ml_collections.ConfigDict, codec: subtokens.Codec,
                  num_heads=m.num_heads, num_layers=m.num_layers, cond_dim=m.cond_dim,
                  mlp_ratio=m.mlp_ratio, dropout=m.dropout, time_conditioning=m.time_conditioning,
                  scan_layers=m.scan_layers, remat=m.remat, dtype=dtype,
-                 head_init_scale=m.get('head_init_scale', 0.0), rngs=rngs)
+                 head_init_scale=m.get('head_init_scale', 0.0),
+                 adaln_init_scale=m.get('adaln_init_scale', 0.0), rngs=rngs)
 
 
 def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):

@@ -161,6 +161,34 @@ def test_initialisation_is_identity_with_zero_logits(scan):
     np.testing.assert_array_equal(np.asarray(run_block(block, x)), np.asarray(x))
 
 
+@pytest.mark.parametrize('scan', [False, True])
+def test_init_scales_break_the_zero_start(scan):
+  """head_init_scale / adaln_init_scale draw those kernels from U(±s/sqrt(fan_in)): masked
+  positions then differ and the trunk gets a gradient at step 0. Parameter shapes are unchanged."""
+  zero, model = _tiny(scan_layers=scan), _tiny(scan_layers=scan, head_init_scale=0.5,
+                                               adaln_init_scale=2.0)
+  assert [p for p, _ in _params(zero)] == [p for p, _ in _params(model)]
+  for path, var in _params(model):
+    value = np.asarray(var[...])
+    if 'head' in path and path[-1] == 'kernel':
+      bound = 0.5 / np.sqrt(TINY['dim'])
+      assert value.std() > 0.3 * bound and np.abs(value).max() <= bound, path
+    elif 'head' in path:  # the bias stays zero (a unigram prior may be written into it)
+      assert not value.any(), path
+    elif 'adaln' in path:
+      bound = 2.0 / np.sqrt(TINY['cond_dim'])
+      assert value.std() > 0.3 * bound and np.abs(value).max() <= bound, path
+  # Fully masked positions among visible ones: the zero-initialised model gives them all one
+  # feature vector, the re-initialised one does not (its blocks mix in the context from the start).
+  masked = jnp.arange(L) % 3 == 0
+  y = jnp.where(masked[None, :, None], TINY['base'], _tokens() % TINY['base'])
+  h_zero, h = (np.asarray(nnx.jit(lambda m: m.features(y))(m))[:, masked] for m in (zero, model))
+  assert np.abs(h_zero - h_zero[:1, :1]).max() < 1e-5
+  assert np.abs(h - h[:1, :1]).max() > 1e-2
+  with pytest.raises(ValueError, match='init_scale'):
+    _tiny(head_init_scale=-1.0)
+
+
 def test_mask_logit_in_head():
   mdlm = DiT(**{**TINY, 'ell': 1, 'base': 300}, rngs=nnx.Rngs(0))
   assert mdlm.mask_logit_in_head and mdlm.final.head.kernel.shape[-1] == 301

@@ -127,12 +127,13 @@ class DiTBlock(nnx.Module):
   """Pre-norm transformer block with adaLN shift/scale/gate; the identity at init (gates are 0)."""
 
   def __init__(self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: int, dropout: float, *,
-               dtype, rngs: nnx.Rngs):
+               dtype, rngs: nnx.Rngs, adaln_init_scale: float = 0.0):
     self.num_heads = num_heads
     self.norm1 = LayerNorm(dim, rngs=rngs)
     self.norm2 = LayerNorm(dim, rngs=rngs)
-    self.adaln = Dense(cond_dim, 6 * dim, names=('cond', 'modulation'), zero_init=True,
-                       dtype=dtype, rngs=rngs)
+    self.adaln = Dense(cond_dim, 6 * dim, names=('cond', 'modulation'),
+                       zero_init=adaln_init_scale == 0, init_scale=adaln_init_scale, dtype=dtype,
+                       rngs=rngs)
     self.qkv = Dense(dim, (3, dim), names=('embed', 'qkv', 'heads'), use_bias=False, dtype=dtype,
                      rngs=rngs)
     self.attn_out = Dense(dim, dim, names=('heads', 'embed'), use_bias=False, dtype=dtype,
@@ -173,18 +174,17 @@ class FinalLayer(nnx.Module):
   """LN -> adaLN shift/scale -> Linear(D -> O); zero-initialised, so logits start at 0.
 
   `head_init_scale` > 0 draws the head kernel from U(±scale / sqrt(D)) instead (1 is PyTorch's
-  Linear default); the bias stays zero. A zero kernel makes every masked position's logits equal
+  Linear default); the bias stays zero. `adaln_init_scale` > 0 does the same for the modulation. A zero kernel makes every masked position's logits equal
   and gives the trunk no gradient at step 0 (the reference's choice; harmless over 10^6 steps,
   a slow start in a few hundred).
   """
 
   def __init__(self, dim: int, cond_dim: int, num_outputs: int, *, dtype, rngs: nnx.Rngs,
-               head_init_scale: float = 0.0):
-    if head_init_scale < 0:
-      raise ValueError(f'head_init_scale must be >= 0 (0 = zero init), got {head_init_scale}.')
+               head_init_scale: float = 0.0, adaln_init_scale: float = 0.0):
     self.norm = LayerNorm(dim, rngs=rngs)
-    self.adaln = Dense(cond_dim, 2 * dim, names=('cond', 'modulation'), zero_init=True,
-                       dtype=dtype, rngs=rngs)
+    self.adaln = Dense(cond_dim, 2 * dim, names=('cond', 'modulation'),
+                       zero_init=adaln_init_scale == 0, init_scale=adaln_init_scale, dtype=dtype,
+                       rngs=rngs)
     self.head = Dense(dim, num_outputs, names=('embed', 'vocab'), zero_init=True, dtype=dtype,
                       rngs=rngs)
     if head_init_scale > 0:
@@ -214,7 +214,7 @@ class DiT(nnx.Module):
                num_layers: int, cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                time_conditioning: bool = False, mask_logit_in_head: Optional[bool] = None,
                scan_layers: bool = False, remat: bool = False, dtype=jnp.float32,
-               head_init_scale: float = 0.0, rngs: nnx.Rngs):
+               head_init_scale: float = 0.0, adaln_init_scale: float = 0.0, rngs: nnx.Rngs):
     if base**ell < vocab_size:
       raise ValueError(f'base**ell = {base}**{ell} = {base**ell} < vocab_size = {vocab_size}: the '
                        f'digits cannot represent every token.')
@@ -223,6 +223,9 @@ class DiT(nnx.Module):
                        f'(rotary pairs features), got head width {dim / num_heads}.')
     if num_layers < 1:
       raise ValueError(f'num_layers must be >= 1, got {num_layers}.')
+    if head_init_scale < 0 or adaln_init_scale < 0:
+      raise ValueError(f'head_init_scale and adaln_init_scale must be >= 0 (0 = zero init, the '
+                       f'reference), got {head_init_scale} and {adaln_init_scale}.')
     self.vocab_size, self.base, self.ell = vocab_size, base, ell
     self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
     self.cond_dim, self.mlp_ratio, self.dropout_rate = cond_dim, mlp_ratio, dropout
@@ -233,7 +236,7 @@ class DiT(nnx.Module):
     self.embed = SubtokenEmbed(base + 1, ell, dim, rngs=rngs)
     self.time_embed = TimestepEmbedder(cond_dim, rngs=rngs)
     make_block = lambda r: DiTBlock(dim, num_heads, cond_dim, mlp_ratio, dropout, dtype=dtype,
-                                    rngs=r)
+                                    rngs=r, adaln_init_scale=adaln_init_scale)
     if scan_layers:
       # One vmapped construction: every leaf gets a leading (S,) axis, named 'layers' in metadata.
       @nnx.split_rngs(splits=num_layers)
@@ -245,7 +248,8 @@ class DiT(nnx.Module):
     else:
       self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
     self.final = FinalLayer(dim, cond_dim, vocab_size + int(self.mask_logit_in_head), dtype=dtype,
-                            rngs=rngs, head_init_scale=head_init_scale)
+                            rngs=rngs, head_init_scale=head_init_scale,
+                            adaln_init_scale=adaln_init_scale)
 
   def __call__(self, y_BxLxK: jax.Array, sigma_B: Optional[jax.Array] = None, *,
                deterministic: bool = True,

@@ -60,15 +60,17 @@ class Dense(nnx.Module):
   """x @ W + b with W of shape (I, *out_shape), PyTorch init, and logical axis names.
 
   `names` covers the kernel axes (input first); the bias takes the output names. `zero_init` makes
-  both kernel and bias zero (adaLN modulation, output head). The matmul runs in `dtype`; params stay
+  both kernel and bias zero (adaLN modulation, output head); otherwise both are U(±init_scale /
+  sqrt(I)) (init_scale 1: PyTorch's Linear). The matmul runs in `dtype`; params stay
   in `param_dtype`, so bf16 compute keeps float32 master weights.
   """
 
   def __init__(self, in_features: int, out_shape: int | tuple[int, ...], *,
                names: tuple[str, ...], use_bias: bool = True, zero_init: bool = False,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
-    init = zeros_init if zero_init else uniform_init(1.0 / math.sqrt(in_features))
+    init = zeros_init if zero_init else uniform_init(init_scale / math.sqrt(in_features))
     self.kernel = make_param(init, names, (in_features, *out_shape), rngs, param_dtype)
     self.bias = (make_param(init, names[1:], out_shape, rngs, param_dtype) if use_bias
                  else nnx.data(None))
