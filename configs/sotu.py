@@ -4,7 +4,7 @@ Departures from the reference initialisation, for a run of a few hundred steps (
 field; the reference values are the base config's): the head bias starts at the training unigram,
 and the head kernel and adaLN modulation are drawn at random instead of zero. With zeros every
 masked position starts with one feature vector and the trunk gets no gradient at step 0, a saddle
-that a 10^6-step run leaves quickly and a 600-step run does not.
+that a 10^6-step run leaves quickly and a 600-step run does not. Adam's b2 is 0.9 (base: 0.999).
 
   python -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu
   python -m prime_jax.main --config configs/sotu.py:ell=1 --workdir workdir/sotu_l1   # MDLM
@@ -31,6 +31,7 @@ def get_config(arg: str = ''):
   c.data.seq_len = 64
   c.data.batch_size = 32
   c.optim.lr = 3e-3
+  c.optim.b2 = 0.9  # short run: the second moment follows the heavy-tailed 1/t-weighted gradients
   c.optim.warmup_steps = 50
   c.optim.schedule = 'constant'
   c.optim.ema_decay = 0.99
