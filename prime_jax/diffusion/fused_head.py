@@ -154,8 +154,9 @@ def active_fraction(schedule, ell: int, eps: float, n: int = 4096) -> float:
 
 def head_capacity(num_rows: int, fraction: float) -> int:
   """Rows of the compacted head for a batch of `num_rows` tokens whose expected active share is
-  `fraction`: the mean plus a margin of 2 % and 5 binomial standard deviations (an overflowing
-  batch falls back to the full head, so the margin buys speed, not correctness). num_rows = off."""
+  `fraction`: the mean plus a margin of 2 % and 5 binomial standard deviations (the rows of an
+  overflowing batch beyond it go through a second chunk, so the margin buys speed, not
+  correctness). num_rows = off."""
   if fraction <= 0.0:
     return num_rows
   cap = fraction * num_rows + 0.02 * num_rows + 5.0 * np.sqrt(num_rows * 0.25)
@@ -179,8 +180,8 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
   their gradients are exactly 0 there. The active rows are gathered into a fixed capacity
   (`head_capacity`, from the expected share `active_fraction`, see `active_fraction()`); the
   active rows beyond it, if a batch has any, go through a second, recomputing chunk under
-  `lax.cond` (skipped otherwise), so the result is always exact. ell = 2 under the log-linear schedule: 2/3 of the rows on average, ell = 1: 1/2.
-  The gather is over the whole flattened batch: use it when the batch is not sharded.
+  `lax.cond` (skipped otherwise), so the result is always exact. Under the log-linear schedule
+  that is 2/3 of the rows on average at ell = 2, 1/2 at ell = 1. The gather is over the whole flattened batch: use it when the batch is not sharded.
   """
   from prime_jax.diffusion import schedules as schedules_lib
   schedule = schedules_lib.as_schedule(schedule)
@@ -191,8 +192,8 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
   x0_N = x0_BxL.reshape(-1).astype(jnp.int32)
   y_NxK = y_t.reshape(N, K).astype(jnp.int32)
 
-  def run(h, x0, y, w):
-    keep = h.shape[0] * codec.vocab_size * 4 <= keep_logits_bytes
+  def run(h, x0, y, w, may_keep=True):
+    keep = may_keep and h.shape[0] * codec.vocab_size * 4 <= keep_logits_bytes
     return _losses(h, kernel_DxC, bias_C, x0, y, w, codec, bool(carry_over), bool(with_nelbo),
                    int(tile), keep)
 
@@ -209,21 +210,18 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
                                                        mode='drop')
     used_R = jnp.arange(N) < n_active
 
-    def chunk(lo, hi, keep_logits_ok=True):
+    def chunk(lo, hi, may_keep=True):
       # Unused slots point at row 0 with weight 0: no loss and no gradient from them.
       r, u = rows_R[lo:hi], used_R[lo:hi]
-      w = jnp.where(u, w_N[r], 0.0)
-      if keep_logits_ok:
-        p_R, n_R = run(h_NxD[r], x0_N[r], y_NxK[r], w)
-      else:  # recompute in the backward pass: no (rows, C) residual crosses the lax.cond
-        p_R, n_R = _losses(h_NxD[r], kernel_DxC, bias_C, x0_N[r], y_NxK[r], w, codec,
-                           bool(carry_over), bool(with_nelbo), int(tile), False)
+      p_R, n_R = run(h_NxD[r], x0_N[r], y_NxK[r], jnp.where(u, w_N[r], 0.0), may_keep)
       scatter = lambda v_R: jnp.zeros((N,), jnp.float32).at[r].add(jnp.where(u, v_R, 0.0))
       return scatter(p_R), scatter(n_R)
 
     paper, nelbo = chunk(0, cap)
     zeros = lambda: (jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32))
-    p2, n2 = jax.lax.cond(n_active > cap, lambda: chunk(cap, N, keep_logits_ok=False), zeros)
+    # The overflow chunk recomputes its logits in the backward pass, so no (rows, C) residual
+    # crosses the lax.cond (a linearised cond carries the residuals of both branches).
+    p2, n2 = jax.lax.cond(n_active > cap, lambda: chunk(cap, N, may_keep=False), zeros)
     paper, nelbo = paper + p2, nelbo + n2
   out = {'paper': paper.reshape(B, L)}
   if with_nelbo:
