@@ -30,6 +30,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('kv', None),
     ('cond', None),
     ('cond_in', None),
+    ('tail_rank', None),  # the low-rank tail head's rank
     ('layers', None),
     ('length', None),
 )

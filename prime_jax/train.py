@@ -118,7 +118,9 @@ def build_model(cfg: ml_collections.ConfigDict, codec: subtokens.Codec,
                  mlp_ratio=m.mlp_ratio, dropout=m.dropout, time_conditioning=m.time_conditioning,
                  scan_layers=m.scan_layers, remat=m.remat, dtype=dtype,
                  head_init_scale=m.get('head_init_scale', 0.0),
-                 adaln_init_scale=m.get('adaln_init_scale', 0.0), rngs=rngs)
+                 adaln_init_scale=m.get('adaln_init_scale', 0.0),
+                 head_tail_start=m.get('head_tail_start', 0),
+                 head_tail_rank=m.get('head_tail_rank', 0), rngs=rngs)
 
 
 def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):
@@ -166,10 +168,11 @@ def losses_at(params, graphdef, x0_BxL, t_B, y_t, task: Task, *, train: bool = F
   model = nnx.merge(graphdef, params)
   rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
   h_BxLxD = model.features(y_t, deterministic=not train, rngs=rngs)
-  kernel_DxC, bias_C = model.head_params()
+  head = model.head_params()
   # The head, carry-over filter and both objectives, tiled over the vocabulary: no (B, L, C)
   # logits are materialised (equal to objectives.fused_losses on model(y_t); tested).
-  return fused_head.head_losses(h_BxLxD, kernel_DxC, bias_C, x0_BxL, y_t, t_B, task.codec,
+  return fused_head.head_losses(h_BxLxD, head.kernel, head.bias, x0_BxL, y_t, t_B, task.codec,
+                                tail=head.tail,
                                 schedule=task.schedule, carry_over=task.carry_over,
                                 with_nelbo=with_nelbo,
                                 active_fraction=task.head_active_fraction)
@@ -291,8 +294,7 @@ def init_state(cfg, codec, tx, mesh, shardings, head_bias_C: np.ndarray | None =
   def init(bias_C):
     model = build_model(cfg, codec, nnx.Rngs(params=cfg.seed))
     if bias_C is not None:
-      b = model.final.head.bias
-      b[...] = b[...].at[:codec.vocab_size].set(bias_C)
+      model.final.set_bias(bias_C)
     params = nnx.state(model, nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema=params)

@@ -109,3 +109,44 @@ def test_active_fraction_and_capacity():
   assert fused_head.head_capacity(2048, 0.9) == 2048  # too little to gain
   cap = fused_head.head_capacity(2048, 2 / 3)
   assert 2 / 3 * 2048 < cap < 0.8 * 2048 and cap % 8 == 0
+
+
+@pytest.mark.parametrize('ell,with_nelbo,fraction,keep', [(2, True, 0.0, True), (2, True, 0.4, False),
+                                                          (1, False, 0.4, True), (3, True, 0.0, False)])
+def test_low_rank_tail_equals_its_full_kernel(ell, with_nelbo, fraction, keep):
+  """The tail head (kernel (D, k) + (h @ P) @ V for classes >= k) equals the plain head on the
+  kernel [W, P @ V], in values and in the gradients of W, P, V, b and h (compacted or not)."""
+  C, k, R, B, L, D = 300, 70, 3, 4, 32, 8  # k is not a multiple of the tile: padding inside
+  codec = subtokens.Codec(C, ell)
+  rng = np.random.default_rng(7 + ell)
+  h = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  W = jnp.asarray(rng.normal(size=(D, k)), jnp.float32)
+  P = jnp.asarray(rng.normal(size=(D, R)), jnp.float32)
+  V = jnp.asarray(rng.normal(size=(R, C - k)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(C,)), jnp.float32)
+  x0 = jnp.asarray(rng.integers(0, C, (B, L)))
+  t = jnp.asarray([0.1, 0.4, 0.7, 0.95], jnp.float32)
+  y = forward.mask(jax.random.key(2), codec.encode(x0), t, schedule='loglinear',
+                   mask_id=codec.mask_id)
+  kw = dict(schedule='loglinear', tile=32, with_nelbo=with_nelbo, active_fraction=fraction,
+            keep_logits_bytes=2**30 if keep else 0)
+
+  def total(o):
+    return o['paper'].sum() + (1.3 * o['nelbo'].sum() if with_nelbo else 0.0)
+
+  def tail_loss(h, W, P, V, b):
+    o = fused_head.head_losses(h, W, b, x0, y, t, codec, tail=(P, V), **kw)
+    return total(o), o
+
+  def full_loss(h, W, P, V, b):
+    o = fused_head.head_losses(h, jnp.concatenate([W, P @ V], axis=1), b, x0, y, t, codec, **kw)
+    return total(o), o
+
+  args = (h, W, P, V, b)
+  (_, o_ref), g_ref = jax.value_and_grad(full_loss, argnums=range(5), has_aux=True)(*args)
+  (_, o), g = jax.jit(jax.value_and_grad(tail_loss, argnums=range(5), has_aux=True))(*args)
+  for name in o_ref:
+    np.testing.assert_allclose(o[name], o_ref[name], rtol=1e-5, atol=1e-5)
+  for a, c in zip(g, g_ref):
+    np.testing.assert_allclose(a, c, rtol=2e-4, atol=1e-5 * float(jnp.abs(c).max()))
+  assert float(jnp.abs(g[3]).max()) > 0  # the tail kernel learns

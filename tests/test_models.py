@@ -189,6 +189,39 @@ def test_init_scales_break_the_zero_start(scan):
     _tiny(head_init_scale=-1.0)
 
 
+@pytest.mark.parametrize('ell,base', [(2, 18), (1, 300)])
+def test_low_rank_tail_head(ell, base):
+  """head_tail_start=k, head_tail_rank=R: classes >= k get logits (h @ P) @ V. The model's
+  logits equal the features times the full kernel [W, P @ V] plus the bias, the parameter count is
+  D k + D R + R (O - k) + O instead of D O + O, and a unigram prior lands in both biases."""
+  k, R = 100, 4
+  model = DiT(**{**TINY, 'ell': ell, 'base': base}, head_tail_start=k, head_tail_rank=R,
+              head_init_scale=1.0, rngs=nnx.Rngs(0))
+  full = DiT(**{**TINY, 'ell': ell, 'base': base}, rngs=nnx.Rngs(0))
+  O = 300 + int(model.mask_logit_in_head)
+  n = lambda m: sum(np.size(v[...]) for p, v in _params(m)
+                    if p[0] == 'final' and p[1] in ('head', 'tail', 'tail_proj'))
+  D = TINY['dim']
+  assert n(full) == D * O + O and n(model) == D * k + D * R + R * (O - k) + O
+  f = model.final
+  model.final.set_bias(jnp.arange(300, dtype=jnp.float32))
+  head = model.head_params()
+  assert head.kernel.shape == (D, k) and head.tail[0].shape == (D, R)
+  assert head.tail[1].shape == (R, 300 - k)
+  np.testing.assert_array_equal(head.bias, np.arange(300))
+  assert f.tail.bias.shape == (O - k,)
+  y = jax.random.randint(jax.random.key(0), (B, L, ell), 0, base + 1)
+  h = nnx.jit(lambda m: m.features(y))(model)
+  W = jnp.concatenate([head.kernel, head.tail[0] @ head.tail[1]], axis=1)
+  np.testing.assert_allclose(_run(model, y), jnp.einsum('bld,dc->blc', h, W) + head.bias,
+                             rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(f.tail.kernel[...]).max()) > 0  # drawn like the head kernel
+  for bad in (dict(head_tail_start=0, head_tail_rank=4), dict(head_tail_start=O, head_tail_rank=4),
+              dict(head_tail_start=10, head_tail_rank=0)):
+    with pytest.raises(ValueError, match='tail'):
+      DiT(**{**TINY, 'ell': ell, 'base': base}, **bad, rngs=nnx.Rngs(0))
+
+
 def test_mask_logit_in_head():
   mdlm = DiT(**{**TINY, 'ell': 1, 'base': 300}, rngs=nnx.Rngs(0))
   assert mdlm.mask_logit_in_head and mdlm.final.head.kernel.shape[-1] == 301

@@ -29,18 +29,34 @@ from prime_jax.diffusion import parameterization
 NEG_INF = parameterization.NEG_INF
 
 
-def _tiles(W, b, codec, tile: int):
-  """The scan inputs, one vocabulary tile each: kernel (T, D, V), bias (T, V), class ids (T, V) and
-  digit table (T, V, K). Padding classes (ids >= C) have digits -1 and are always masked out."""
+def _tiles(W, b, offset: int, codec, tile: int):
+  """The scan inputs of one group of classes [offset, offset + V_g), one vocabulary tile each:
+  kernel (T, D_g, V), bias (T, V), class ids (T, V) and digit table (T, V, K). Padding classes get
+  the id C (never a target, always masked out) and digits -1."""
   C, K = codec.vocab_size, codec.ell
-  num = -(-C // tile)
+  size = W.shape[1]
+  num = -(-size // tile)
+  pad = num * tile - size
+  ids = np.arange(num * tile) + offset
+  ids[size:] = C
   digits = np.full((num * tile, K), -1, np.int32)
-  digits[:C] = codec.digits
-  pad = num * tile - C
+  digits[:size] = codec.digits[offset:offset + size]
   W_T = jnp.pad(W, ((0, 0), (0, pad))).reshape(W.shape[0], num, tile).transpose(1, 0, 2)
   b_T = jnp.pad(b, (0, pad)).reshape(num, tile)
-  classes = jnp.asarray(np.arange(num * tile, dtype=np.int32).reshape(num, tile))
+  classes = jnp.asarray(ids.astype(np.int32).reshape(num, tile))
   return W_T, b_T, classes, jnp.asarray(digits.reshape(num, tile, K))
+
+
+def _groups(Ws, b, codec, tile: int):
+  """Per group of classes (the kernel's columns in order, each group with its own input width),
+  the tiles of `_tiles`."""
+  out, offset = [], 0
+  for W in Ws:
+    out.append(_tiles(W, b[offset:offset + W.shape[1]], offset, codec, tile))
+    offset += W.shape[1]
+  if offset != codec.vocab_size:
+    raise ValueError(f'The head kernels cover {offset} classes, the codec {codec.vocab_size}.')
+  return out
 
 
 def _tile_logits(h_NxD, W_DxV, b_V, cls_V, dig_VxK, y_NxK, codec, carry_over):
@@ -53,12 +69,13 @@ def _tile_logits(h_NxD, W_DxV, b_V, cls_V, dig_VxK, y_NxK, codec, carry_over):
   return jnp.where(valid, z, NEG_INF)
 
 
-def _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=False):
-  N = h.shape[0]
+def _forward(hs, Ws, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=False):
+  """One online-logsumexp pass over every group's tiles; group g's logits are hs[g] @ Ws[g]."""
+  N = hs[0].shape[0]
   K = codec.ell
   x0_digits = codec.encode(x0)  # (N, K)
 
-  def step(carry, xs):
+  def step(h, carry, xs):
     m, s, z_x0, S = carry
     W_t, b_t, cls, dig = xs
     z = _tile_logits(h, W_t, b_t, cls, dig, y, codec, carry_over)
@@ -72,14 +89,18 @@ def _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=Fa
       S = S * scale[:, None] + jnp.stack([jnp.sum(jnp.where(sm, e, 0.0), -1) for sm in same], -1)
     return (m_new, s, z_x0, S), (z if keep_logits else None)
 
-  init = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32),
-          jnp.zeros((N,), jnp.float32), jnp.zeros((N, K), jnp.float32))
-  (m, s, z_x0, S), z_T = jax.lax.scan(step, init, _tiles(W, b, codec, tile))
+  carry = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32),
+           jnp.zeros((N,), jnp.float32), jnp.zeros((N, K), jnp.float32))
+  z_G = []
+  for h, tiles in zip(hs, _groups(Ws, b, codec, tile)):
+    carry, z_T = jax.lax.scan(functools.partial(step, h), carry, tiles)
+    z_G.append(z_T)
+  m, s, z_x0, S = carry
   lse = m + jnp.log(s)
   log_joint = z_x0 - lse
   # S_j >= exp(z_x0 - m); the max keeps log P_j finite if every term underflowed.
   log_marg = jnp.maximum(jnp.log(S), (z_x0 - m)[:, None]) - jnp.log(s)[:, None]
-  return log_joint, log_marg, lse, z_T
+  return log_joint, log_marg, lse, tuple(z_G)
 
 
 def _weighted(log_joint, log_marg, y, w, codec, with_nelbo):
@@ -90,25 +111,22 @@ def _weighted(log_joint, log_marg, y, w, codec, with_nelbo):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _losses(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
-  log_joint, log_marg, _, _ = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile)
+def _losses(hs, Ws, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
+  log_joint, log_marg, _, _ = _forward(hs, Ws, b, x0, y, codec, carry_over, with_nelbo, tile)
   return _weighted(log_joint, log_marg, y, w, codec, with_nelbo)
 
 
-def _losses_fwd(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
-  log_joint, log_marg, lse, z_T = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile,
+def _losses_fwd(hs, Ws, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
+  log_joint, log_marg, lse, z_G = _forward(hs, Ws, b, x0, y, codec, carry_over, with_nelbo, tile,
                                            keep_logits)
   return (_weighted(log_joint, log_marg, y, w, codec, with_nelbo),
-          (h, W, b, x0, y, w, lse, jnp.exp(log_marg), z_T))
+          (hs, Ws, b, x0, y, w, lse, jnp.exp(log_marg), z_G))
 
 
 def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangents):
-  h, W, b, x0, y, w, lse, P, z_T = res
+  hs, Ws, b, x0, y, w, lse, P, z_G = res
   g_paper, g_nelbo = cotangents
-  N, D = h.shape
   K = codec.ell
-  W_T, b_T, classes, digits = _tiles(W, b, codec, tile)
-  num = classes.shape[0]
   x0_digits = codec.encode(x0)
   masked = (y == codec.mask_id).astype(jnp.float32)  # (N, K)
   a = (-w * g_paper)[:, None]
@@ -116,7 +134,7 @@ def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangent
   inv_P = jnp.where(masked > 0, 1.0 / jnp.maximum(P, 1e-38), 0.0) if with_nelbo else None
   n_masked = jnp.sum(masked, axis=-1, keepdims=True)
 
-  def step(dh, xs):
+  def step(h, dh, xs):
     W_t, b_t, cls, dig, z = xs
     if z is None:  # recompute the tile rather than keep (N, C) logits alive
       z = _tile_logits(h, W_t, b_t, cls, dig, y, codec, carry_over)
@@ -131,12 +149,17 @@ def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangent
     dW_t = jnp.dot(h.T, dz_h, preferred_element_type=jnp.float32)
     return dh, (dW_t, jnp.sum(dz, axis=0))
 
-  dh, (dW_T, db_T) = jax.lax.scan(step, jnp.zeros((N, D), jnp.float32),
-                                  (W_T, b_T, classes, digits, z_T))
-  C = W.shape[1]
-  dW = dW_T.transpose(1, 0, 2).reshape(D, num * tile)[:, :C].astype(W.dtype)
-  db = db_T.reshape(-1)[:C].astype(b.dtype)
-  return dh.astype(h.dtype), dW, db, None, None, None
+  dhs, dWs, dbs = [], [], []
+  for h, W, (W_T, b_T, classes, digits), z_T in zip(hs, Ws, _groups(Ws, b, codec, tile), z_G):
+    N, D = h.shape
+    dh, (dW_T, db_T) = jax.lax.scan(functools.partial(step, h), jnp.zeros((N, D), jnp.float32),
+                                    (W_T, b_T, classes, digits, z_T))
+    size = W.shape[1]
+    dhs.append(dh.astype(h.dtype))
+    dWs.append(dW_T.transpose(1, 0, 2).reshape(D, -1)[:, :size].astype(W.dtype))
+    dbs.append(db_T.reshape(-1)[:size])
+  db = jnp.concatenate(dbs).astype(b.dtype)
+  return tuple(dhs), tuple(dWs), db, None, None, None
 
 
 _losses.defvjp(_losses_fwd, _losses_bwd)
@@ -167,11 +190,15 @@ def head_capacity(num_rows: int, fraction: float) -> int:
 def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0_BxL: jax.Array,
                 y_t: jax.Array, t_B: jax.Array, codec, *, schedule, carry_over: bool = True,
                 with_nelbo: bool = True, tile: int = 2048,
-                keep_logits_bytes: int = 2**30, active_fraction: float = 0.0) -> dict:
+                keep_logits_bytes: int = 2**30, active_fraction: float = 0.0,
+                tail: tuple[jax.Array, jax.Array] | None = None) -> dict:
   """Per-token {'paper', 'nelbo'} (B, L) from the head's input, without (B, L, C) logits.
 
   Same values as objectives.fused_losses(h @ kernel + bias, ...). Gradients flow to h, kernel and
-  bias. `tile` is the vocabulary tile (a (B*L, tile) float32 block should fit in cache). The
+  bias (and the tail's two factors). `tail` = (proj (D, R), tail_kernel (R, C - k)) is the
+  low-rank tail head (`models.dit.FinalLayer`): `kernel` (D, k) then covers the first k classes
+  only, and the others' logits are (h @ proj) @ tail_kernel, i.e. the kernel (D, C) is
+  [kernel, proj @ tail_kernel] without ever forming it. `tile` is the vocabulary tile (a (B*L, tile) float32 block should fit in cache). The
   forward pass keeps its logit tiles for the backward pass when they take at most
   `keep_logits_bytes` (saving one head matmul); larger batches recompute them.
 
@@ -194,7 +221,13 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
 
   def run(h, x0, y, w, may_keep=True):
     keep = may_keep and h.shape[0] * codec.vocab_size * 4 <= keep_logits_bytes
-    return _losses(h, kernel_DxC, bias_C, x0, y, w, codec, bool(carry_over), bool(with_nelbo),
+    hs, Ws = (h,), (kernel_DxC,)
+    if tail is not None:
+      proj_DxR, tail_RxT = tail
+      hs = (h, jnp.dot(h, proj_DxR.astype(h.dtype), preferred_element_type=jnp.float32)
+            .astype(h.dtype))
+      Ws = (kernel_DxC, tail_RxT)
+    return _losses(hs, Ws, bias_C, x0, y, w, codec, bool(carry_over), bool(with_nelbo),
                    int(tile), keep)
 
   cap = head_capacity(N, active_fraction) if (carry_over and active_fraction > 0) else N
