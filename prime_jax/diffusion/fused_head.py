@@ -195,12 +195,13 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
   """Per-token {'paper', 'nelbo'} (B, L) from the head's input, without (B, L, C) logits.
 
   Same values as objectives.fused_losses(h @ kernel + bias, ...). Gradients flow to h, kernel and
-  bias (and the tail's two factors). `tail` = (proj (D, R), tail_kernel (R, C - k)) is the
-  low-rank tail head (`models.dit.FinalLayer`): `kernel` (D, k) then covers the first k classes
-  only, and the others' logits are (h @ proj) @ tail_kernel, i.e. the kernel (D, C) is
-  [kernel, proj @ tail_kernel] without ever forming it. `tile` is the vocabulary tile (a (B*L, tile) float32 block should fit in cache). The
-  forward pass keeps its logit tiles for the backward pass when they take at most
-  `keep_logits_bytes` (saving one head matmul); larger batches recompute them.
+  bias (and the tail's two factors). `tile` is the vocabulary tile (a (B*L, tile) float32 block
+  should fit in cache). The forward pass keeps its logit tiles for the backward pass when they
+  take at most `keep_logits_bytes` (saving one head matmul); larger batches recompute them.
+
+  `tail` = (proj (D, R), tail_kernel (R, C - k)) is the low-rank tail head
+  (`models.dit.FinalLayer`): `kernel` (D, k) then covers the first k classes only and the others'
+  logits are (h @ proj) @ tail_kernel, the kernel [kernel, proj @ tail_kernel] without forming it.
 
   `active_fraction` > 0 (carry-over only) runs the head on the tokens with a masked sub-token
   alone: with carry-over a fully visible token has a single consistent class, so both losses and
@@ -208,7 +209,8 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
   (`head_capacity`, from the expected share `active_fraction`, see `active_fraction()`); the
   active rows beyond it, if a batch has any, go through a second, recomputing chunk under
   `lax.cond` (skipped otherwise), so the result is always exact. Under the log-linear schedule
-  that is 2/3 of the rows on average at ell = 2, 1/2 at ell = 1. The gather is over the whole flattened batch: use it when the batch is not sharded.
+  that is 2/3 of the rows on average at ell = 2, 1/2 at ell = 1. The gather is over the whole
+  flattened batch: use it when the batch is not sharded.
   """
   from prime_jax.diffusion import schedules as schedules_lib
   schedule = schedules_lib.as_schedule(schedule)

@@ -193,12 +193,13 @@ class FinalLayer(nnx.Module):
   A zero kernel makes every masked position's logits equal and gives the trunk no gradient at
   step 0 (the reference's choice; harmless over 10^6 steps, a slow start in a few hundred).
 
-  `tail_start` = k > 0 with `tail_rank` = R gives outputs k.. a rank-R kernel: logits
-  [h @ W (D, k), (h @ P (D, R)) @ V (R, O - k)], the low-rank tail head (off in the reference).
+  `tail_start` = k > 0 with `tail_rank` = R gives the outputs from k on a rank-R kernel: logits
+  [h @ W (D, k), (h @ P (D, R)) @ V (R, O - k)], the low-rank tail head (not in the reference).
   GPT-2's BPE ids run roughly in merge order, a frequency order: ids below 8192 are 86 % of the
   State of the Union's tokens, so the rare rest can share a few directions. It cuts the head's
-  matmuls, which dominate a small model's step, by (k + R (O - k) / D) / O. The tail kernel starts
-  like the head kernel (zero, or U(±scale / sqrt(R))); P is PyTorch's Linear default.
+  matmuls, which dominate a small model's step, to a share (k + R (O - k) / D) / O of the full
+  head's. The tail kernel starts like the head kernel (zero, or U(±scale / sqrt(R))); P is
+  PyTorch's Linear default.
   """
 
   def __init__(self, dim: int, cond_dim: int, num_outputs: int, *, dtype, rngs: nnx.Rngs,
@@ -251,7 +252,8 @@ class FinalLayer(nnx.Module):
                       (cast(self.tail_proj.kernel), cast(self.tail.kernel)[:, :n_tail]))
 
   def __call__(self, x_BxLxD: jax.Array, c_BxE: jax.Array) -> jax.Array:
-    num_outputs = self.head.kernel.shape[1] + (0 if self.tail is None else self.tail.kernel.shape[1])
+    num_outputs = self.head.kernel.shape[1] + (0 if self.tail is None else
+                                                self.tail.kernel.shape[1])
     return self.head_params(num_outputs, self.head.dtype).logits(self.features(x_BxLxD, c_BxE))
 
   def features(self, x_BxLxD: jax.Array, c_BxE: jax.Array) -> jax.Array:
