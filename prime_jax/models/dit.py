@@ -186,7 +186,8 @@ class HeadParams(NamedTuple):
 
 
 class FinalLayer(nnx.Module):
-  """LN -> adaLN shift/scale -> Linear(D -> O); zero-initialised, so logits start at 0.
+  """LN -> adaLN shift/scale (`features`) and the Linear(D -> O) head (`head_params`, applied by
+  the DiT or fused into the loss); zero-initialised, so logits start at 0.
 
   `head_init_scale` > 0 draws the head kernel from U(±scale / sqrt(D)) instead (1 is PyTorch's
   Linear default); the bias stays zero. `adaln_init_scale` > 0 does the same for the modulation.
@@ -250,11 +251,6 @@ class FinalLayer(nnx.Module):
     bias = jnp.concatenate([cast(self.head.bias), cast(self.tail.bias)[:n_tail]])
     return HeadParams(cast(self.head.kernel), bias,
                       (cast(self.tail_proj.kernel), cast(self.tail.kernel)[:, :n_tail]))
-
-  def __call__(self, x_BxLxD: jax.Array, c_BxE: jax.Array) -> jax.Array:
-    num_outputs = self.head.kernel.shape[1] + (0 if self.tail is None else
-                                                self.tail.kernel.shape[1])
-    return self.head_params(num_outputs, self.head.dtype).logits(self.features(x_BxLxD, c_BxE))
 
   def features(self, x_BxLxD: jax.Array, c_BxE: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaln(c_BxE)[:, None, :], 2, axis=-1)
