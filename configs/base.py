@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.antithetic = True
   c.diffusion.carry_over = True
   c.diffusion.objective = 'nelbo'  # nelbo (valid bound) | paper (the authors' token-joint loss)
+  # Text: train on the self-normalised (ratio) estimate of the objective, per sequence
+  # w(t) q(t) x the mean over its tokens with a masked sub-token (objectives.self_normalized_mean).
+  c.diffusion.self_normalize = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'sotu'  # sotu | owt | lm1b
@@ -77,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.ckpt_every = 5_000
   c.train.keep_ckpts = 3
   c.train.compact_head = True  # text: the head skips fully visible tokens (exact; unsharded batch)
+  # ... and scores tokens with one masked sub-token over their b candidate classes only (exact)
+  c.train.single_digit_head = True
   c.train.peak_flops = 0.0  # per device, for MFU; 0 = guess from the device kind
 
   c.eval = ml_collections.ConfigDict()

@@ -47,9 +47,13 @@ class Task:
   objective: str
   sampling_eps: float
   antithetic: bool
-  image: bool = False  # UNet on a (H, W, channels) token grid: logits are materialised (C = 256)
+  image: bool = False
+  # Train on objectives.self_normalized_mean (text): the same objective, lower variance.
+  self_normalize: bool = False  # UNet on a (H, W, channels) token grid: logits are materialised (C = 256)
   # > 0: the text head runs only on tokens with a masked sub-token (fused_head.head_losses).
   head_active_fraction: float = 0.0
+  # > 0 too: tokens with exactly one masked sub-token take fused_head.single_digit_losses.
+  head_single_fraction: float = 0.0
 
 
 # -- building blocks from the config ----------------------------------------------------------------
@@ -72,13 +76,23 @@ def build_task(cfg: ml_collections.ConfigDict, mesh=None) -> Task:
     kw = {'n': d.get('schedule_n', 3.0)}
   schedule, image = schedules.get(d.schedule, **kw), is_image(cfg)
   codec = build_codec(cfg)
-  fraction = 0.0
+  self_normalize = bool(d.get('self_normalize', False))
+  if self_normalize and image:
+    raise ValueError('diffusion.self_normalize is for text: the image training loss is '
+                     'unweighted already. Set it to False for image sources.')
+  fraction = single = 0.0
   if (mesh is not None and cfg.train.get('compact_head', True) and d.carry_over and not image
       and mesh.shape.get('data', 1) * mesh.shape.get('fsdp', 1) == 1):
     fraction = fused_head.active_fraction(schedule, codec.ell, float(d.sampling_eps))
+    if codec.ell > 1 and cfg.train.get('single_digit_head', True):
+      single = fused_head.active_fraction(schedule, codec.ell, float(d.sampling_eps),
+                                          exactly_one=True)
+      fraction = fused_head.active_fraction(schedule, codec.ell, float(d.sampling_eps),
+                                            at_least_two=True)
   return Task(codec=codec, schedule=schedule, carry_over=bool(d.carry_over),
               objective=d.objective, sampling_eps=float(d.sampling_eps),
-              antithetic=bool(d.antithetic), image=image, head_active_fraction=fraction)
+              antithetic=bool(d.antithetic), image=image, head_active_fraction=fraction,
+              head_single_fraction=single, self_normalize=self_normalize)
 
 
 def is_image(cfg: ml_collections.ConfigDict) -> bool:
@@ -149,15 +163,21 @@ def ema_decay(step, decay: float):
 # -- the pure step functions -------------------------------------------------------------------------
 
 
+def noisy_batch(x0_BxL, key, task: Task):
+  """Draws t (B,) and y_t (B, L, K) for clean tokens; returns (t_B, y_t, dropout key)."""
+  k_t, k_mask, k_drop = jax.random.split(key, 3)
+  codec = task.codec
+  t_B = forward.sample_times(k_t, x0_BxL.shape[0], eps=task.sampling_eps,
+                             antithetic=task.antithetic)
+  y_t = forward.mask(k_mask, codec.encode(x0_BxL), t_B, schedule=task.schedule,
+                     mask_id=codec.mask_id)
+  return t_B, y_t, k_drop
+
+
 def diffusion_losses(params, graphdef, x0_BxL, key, task: Task, *, train: bool,
                      with_nelbo: bool = True):
   """Draws t and y_t, runs the model; returns per-token losses {'nelbo', 'paper'}: (B, L)."""
-  k_t, k_mask, k_drop = jax.random.split(key, 3)
-  codec = task.codec
-  B = x0_BxL.shape[0]
-  t_B = forward.sample_times(k_t, B, eps=task.sampling_eps, antithetic=task.antithetic)
-  y_t = forward.mask(k_mask, codec.encode(x0_BxL), t_B, schedule=task.schedule,
-                     mask_id=codec.mask_id)
+  t_B, y_t, k_drop = noisy_batch(x0_BxL, key, task)
   return losses_at(params, graphdef, x0_BxL, t_B, y_t, task, train=train, dropout_key=k_drop,
                    with_nelbo=with_nelbo)
 
@@ -175,7 +195,8 @@ def losses_at(params, graphdef, x0_BxL, t_B, y_t, task: Task, *, train: bool = F
                                 tail=head.tail,
                                 schedule=task.schedule, carry_over=task.carry_over,
                                 with_nelbo=with_nelbo,
-                                active_fraction=task.head_active_fraction)
+                                active_fraction=task.head_active_fraction,
+                                single_fraction=task.head_single_fraction)
 
 
 def image_losses(params, graphdef, x0_BxHxWxC, key, task: Task, *, train: bool):
@@ -200,13 +221,20 @@ def image_losses(params, graphdef, x0_BxHxWxC, key, task: Task, *, train: bool):
 
 
 def training_loss(params, graphdef, x0_BxL, key, task: Task):
+  """(the loss to differentiate, token means of every per-token loss)."""
   if task.image:
     per_token = image_losses(params, graphdef, x0_BxL, key, task, train=True)
-  else:
-    per_token = diffusion_losses(params, graphdef, x0_BxL, key, task, train=True,
-                                 with_nelbo=task.objective == 'nelbo')
+    means = {k: objectives.token_mean(v) for k, v in per_token.items()}
+    return means[task.objective], means
+  t_B, y_t, k_drop = noisy_batch(x0_BxL, key, task)
+  per_token = losses_at(params, graphdef, x0_BxL, t_B, y_t, task, train=True, dropout_key=k_drop,
+                        with_nelbo=task.objective == 'nelbo')
   means = {k: objectives.token_mean(v) for k, v in per_token.items()}
-  return means[task.objective], means
+  if not task.self_normalize:
+    return means[task.objective], means
+  loss = objectives.self_normalized_mean(per_token[task.objective], y_t, t_B,
+                                         schedule=task.schedule, mask_id=task.codec.mask_id)
+  return loss, dict(means, self_normalized=loss)
 
 
 def train_step(state: TrainState, batch, *, graphdef, task: Task, tx, ema_decay_max: float,

@@ -60,11 +60,17 @@ def test_paper_only_skips_nelbo():
   np.testing.assert_allclose(out['paper'], np.log(30), rtol=1e-6)  # uniform over 30 classes
 
 
-@pytest.mark.parametrize('ell,with_nelbo', [(2, True), (1, False), (3, True)])
-@pytest.mark.parametrize('t_range', [(0.01, 0.2), (0.9, 1.0)])  # compact branch, then overflow
-def test_compact_head_equals_full_head(ell, with_nelbo, t_range):
-  """Running the head only on tokens with a masked sub-token changes no value and no gradient,
-  whether the active tokens fit the capacity (compacted) or not (the full-head fallback)."""
+@pytest.mark.parametrize('ell,with_nelbo,single', [(2, True, False), (1, False, False),
+                                                    (3, True, False), (2, True, True),
+                                                    (3, False, True)])
+# Compact branch, overflow of the full head's chunk; (0.4, 0.6): overflow of the one-digit chunk.
+@pytest.mark.parametrize('t_range', [(0.01, 0.2), (0.9, 1.0), (0.4, 0.6)])
+def test_compact_head_equals_full_head(ell, with_nelbo, single, t_range):
+  """Running the head only on tokens with a masked sub-token (and, with `single`, the tokens with
+  exactly one through their b candidates) changes no value and no gradient, whether the rows fit
+  their capacity (compacted) or not (the overflow chunks)."""
+  if t_range == (0.4, 0.6) and not single:
+    pytest.skip('the overflow of the one-digit chunk needs the one-digit path')
   C, B, L, D = 300, 16, 64, 8
   codec = subtokens.Codec(C, ell)
   rng = np.random.default_rng(ell)
@@ -77,12 +83,19 @@ def test_compact_head_equals_full_head(ell, with_nelbo, t_range):
                    mask_id=codec.mask_id)
   fraction = 0.3
   cap = fused_head.head_capacity(B * L, fraction)
-  n_active = int(jnp.sum(jnp.any(y == codec.mask_id, axis=-1)))
-  assert cap < B * L and (n_active <= cap) == (t_range[1] < 0.5), (n_active, cap)
+  n_masked = jnp.sum(y == codec.mask_id, axis=-1)
+  n_full = int(jnp.sum(n_masked >= (2 if single else 1)))
+  n_single = int(jnp.sum(n_masked == 1))
+  assert cap < B * L
+  if t_range != (0.4, 0.6):
+    assert (n_full <= cap) == (t_range[1] < 0.5), (n_full, cap)
+  if single:  # the one-digit chunk overflows at t ~ 1/2, where ell t (1 - t)^(ell - 1) peaks
+    assert (n_single > cap) == (t_range == (0.4, 0.6) and ell == 2), (n_single, cap)
 
   def loss(h, W, b, fraction):
     o = fused_head.head_losses(h, W, b, x0, y, t, codec, schedule='loglinear', tile=64,
-                               with_nelbo=with_nelbo, active_fraction=fraction)
+                               with_nelbo=with_nelbo, active_fraction=fraction,
+                               single_fraction=fraction if single else 0.0)
     total = o['paper'].sum() + (1.3 * o['nelbo'].sum() if with_nelbo else 0.0)
     return total, o
 
@@ -101,10 +114,15 @@ def test_compact_head_equals_full_head(ell, with_nelbo, t_range):
 
 
 def test_active_fraction_and_capacity():
-  # Log-linear schedule: 1 - alpha = t (up to eps), so E[1 - (1 - t)^ell] = ell / (ell + 1).
+  # Log-linear schedule: 1 - alpha = t (up to eps), so E[1 - (1 - t)^ell] = ell / (ell + 1), and
+  # E[ell t (1 - t)^(ell - 1)] = 1 / (ell + 1) tokens have exactly one masked sub-token.
   for ell in (1, 2, 4):
     f = fused_head.active_fraction('loglinear', ell, eps=0.0)
     assert abs(f - ell / (ell + 1)) < 2e-3, (ell, f)
+    one = fused_head.active_fraction('loglinear', ell, eps=0.0, exactly_one=True)
+    assert abs(one - 1 / (ell + 1)) < 2e-3, (ell, one)
+    two = fused_head.active_fraction('loglinear', ell, eps=0.0, at_least_two=True)
+    assert abs(two - (ell - 1) / (ell + 1)) < 2e-3, (ell, two)
   assert fused_head.head_capacity(2048, 0.0) == 2048  # off
   assert fused_head.head_capacity(2048, 0.9) == 2048  # too little to gain
   cap = fused_head.head_capacity(2048, 2 / 3)
@@ -150,3 +168,46 @@ def test_low_rank_tail_equals_its_full_kernel(ell, with_nelbo, fraction, keep):
   for a, c in zip(g, g_ref):
     np.testing.assert_allclose(a, c, rtol=2e-4, atol=1e-5 * float(jnp.abs(c).max()))
   assert float(jnp.abs(g[3]).max()) > 0  # the tail kernel learns
+
+
+@pytest.mark.parametrize('C,ell,shuffle,tail_start', [
+    (300, 2, None, 0), (300, 3, 5, 0), (50257, 2, None, 0), (300, 2, None, 120), (100, 4, 2, 40)])
+def test_single_digit_losses_equal_the_full_softmax(C, ell, shuffle, tail_start):
+  """A token with one masked sub-token, scored over its b candidate classes, has the loss and the
+  gradients of the full head under carry-over (index shuffling, invalid codes and the tail head
+  included); the real GPT-2 size checks the candidate arithmetic at b = 225."""
+  codec = subtokens.Codec(C, ell, shuffle_seed=shuffle)
+  rng = np.random.default_rng(C + ell)
+  R, D = 40, 8
+  h = jnp.asarray(rng.normal(size=(R, D)), jnp.float32)
+  W = jnp.asarray(rng.normal(size=(D, C)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(C,)), jnp.float32)
+  x0 = jnp.asarray(rng.integers(0, C, (R,)))
+  x0 = x0.at[:3].set(jnp.asarray([0, C - 1, C - 2]))  # the last code block is partly invalid
+  j = jnp.asarray(rng.integers(0, ell, (R,)))
+  y = jnp.where(jnp.arange(ell)[None, :] == j[:, None], codec.mask_id, codec.encode(x0))
+  w = jnp.asarray(rng.uniform(0.5, 3.0, (R,)), jnp.float32)
+  P = jnp.asarray(rng.normal(size=(D, 3)), jnp.float32)
+  V = jnp.asarray(rng.normal(size=(3, C - tail_start)), jnp.float32) if tail_start else None
+
+  def full(h, W, b, P, V):
+    kernel = jnp.concatenate([W[:, :tail_start], P @ V], axis=1) if tail_start else W
+    log_p = parameterization.log_probs(h @ kernel + b, y, codec, carry_over=True)
+    return objectives.paper_loss(log_p, x0, jnp.ones(()), schedule='linear') * w
+
+  def single(h, W, b, P, V):
+    tail = (P, V) if tail_start else None
+    kernel = W[:, :tail_start] if tail_start else W
+    paper, nelbo = fused_head.single_digit_losses(h, kernel, b, x0, y, w, codec, tail=tail)
+    return paper + 0.0 * nelbo
+
+  args = (h, W, b, P, V)
+  paper, nelbo = fused_head.single_digit_losses(h, W[:, :tail_start] if tail_start else W, b, x0,
+                                                y, w, codec, tail=(P, V) if tail_start else None)
+  np.testing.assert_array_equal(paper, nelbo)  # one masked digit: the joint is its marginal
+  nums = (0, 1, 2, 3, 4) if tail_start else (0, 1, 2)
+  np.testing.assert_allclose(single(*args), full(*args), rtol=1e-5, atol=1e-5)
+  g_ref = jax.grad(lambda *a: jnp.sum(full(*a) * jnp.arange(R)), argnums=nums)(*args)
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(single(*a) * jnp.arange(R)), argnums=nums))(*args)
+  for a, c in zip(g, g_ref):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5 * float(jnp.abs(c).max()))

@@ -165,14 +165,57 @@ def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangent
 _losses.defvjp(_losses_fwd, _losses_bwd)
 
 
-def active_fraction(schedule, ell: int, eps: float, n: int = 4096) -> float:
+def active_fraction(schedule, ell: int, eps: float, n: int = 4096, *,
+                    exactly_one: bool = False, at_least_two: bool = False) -> float:
   """E_t[1 - alpha(t)^ell], t ~ U[eps, 1): the expected share of tokens with a masked sub-token,
-  i.e. of the rows the head has to run on under carry-over (fully visible tokens cost nothing)."""
+  i.e. of the rows the head has to run on under carry-over (fully visible tokens cost nothing).
+  exactly_one / at_least_two: the share with exactly one masked sub-token (the rows of
+  `single_digit_losses`), or with two or more (the rest)."""
   from prime_jax.diffusion import schedules as schedules_lib
   schedule = schedules_lib.as_schedule(schedule)
   t = eps + (1.0 - eps) * (np.arange(n) + 0.5) / n
   alpha = np.asarray(schedule.alpha(jnp.asarray(t, jnp.float32)), np.float64)
+  one = ell * (1.0 - alpha) * alpha**(ell - 1)
+  if exactly_one:
+    return float(np.mean(one))
+  if at_least_two:
+    return float(np.mean(1.0 - alpha**ell - one))
   return float(np.mean(1.0 - alpha**ell))
+
+
+def single_digit_losses(h_RxD, kernel_DxC, bias_C, x0_R, y_RxK, w_R, codec, tail=None):
+  """Both losses of tokens with exactly ONE masked sub-token, from their b candidate classes.
+
+  Under carry-over such a token is consistent with the b classes that share its visible digits
+  (codes code(x0) + (k - d_j) b^(K-1-j), k < b, for the masked digit j; invalid codes and, with
+  index shuffling, codes >= C drop out), so its softmax needs b kernel columns, not C: they are
+  gathered per row. With one masked digit the joint is that digit's marginal, so paper = nelbo =
+  -w log p(x0 | y_t). Rows must have exactly one masked digit (others give garbage). (R,) each.
+  """
+  K, b, C = codec.ell, codec.base, codec.vocab_size
+  powers = jnp.asarray(codec.powers.astype(np.int32))
+  j_R = jnp.argmax(y_RxK == codec.mask_id, axis=-1)
+  digits_RxK = codec.encode(x0_R)
+  d_R = jnp.take_along_axis(digits_RxK, j_R[:, None], axis=-1)[:, 0]
+  p_R = powers[j_R]
+  code_R = jnp.sum(digits_RxK * powers, axis=-1)
+  codes_Rxb = (code_R - d_R * p_R)[:, None] + jnp.arange(b, dtype=jnp.int32)[None, :] * p_R[:, None]
+  cls_Rxb = jnp.asarray(codec.token_of_code)[codes_Rxb]
+  valid = cls_Rxb < C
+  cls_Rxb = jnp.where(valid, cls_Rxb, 0)
+  f32 = dict(preferred_element_type=jnp.float32)
+  k = kernel_DxC.shape[1]
+  head_rows = kernel_DxC.T[jnp.minimum(cls_Rxb, k - 1)]  # (R, b, D)
+  z = jnp.einsum('rd,rbd->rb', h_RxD, head_rows.astype(h_RxD.dtype), **f32)
+  if tail is not None:
+    proj_DxR, tail_RxT = tail
+    hp = jnp.dot(h_RxD, proj_DxR.astype(h_RxD.dtype), **f32).astype(h_RxD.dtype)
+    tail_rows = tail_RxT.T[jnp.maximum(cls_Rxb - k, 0)]  # (R, b, rank)
+    z = jnp.where(cls_Rxb < k, z, jnp.einsum('rq,rbq->rb', hp, tail_rows.astype(hp.dtype), **f32))
+  z = jnp.where(valid, z + bias_C.astype(jnp.float32)[cls_Rxb], NEG_INF)
+  log_p = jnp.take_along_axis(z, d_R[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
+  loss = -w_R * log_p
+  return loss, loss
 
 
 def head_capacity(num_rows: int, fraction: float) -> int:
@@ -187,10 +230,39 @@ def head_capacity(num_rows: int, fraction: float) -> int:
   return num_rows if cap >= 0.95 * num_rows else cap
 
 
+def _compacted(active_N, cap: int, run_rows):
+  """Runs `run_rows(rows, used, may_keep) -> (paper, nelbo)` on the active rows only: the first
+  `cap` of them in one chunk of fixed size, the rest (rare: a batch above the expected share plus
+  the margin) in an overflow chunk under `lax.cond`, skipped otherwise. Unused slots point at row 0
+  and must get weight 0. Returns (paper, nelbo) (N,), zero on inactive rows."""
+  N = active_N.shape[0]
+  n_active = jnp.sum(active_N.astype(jnp.int32))
+  # Rank of each active row among the active rows; row indices ordered by it.
+  rank_N = jnp.where(active_N, jnp.cumsum(active_N.astype(jnp.int32)) - 1, N)
+  rows_R = jnp.zeros((N,), jnp.int32).at[rank_N].set(jnp.arange(N, dtype=jnp.int32), mode='drop')
+  used_R = jnp.arange(N) < n_active
+
+  def chunk(lo, hi, may_keep=True):
+    r, u = rows_R[lo:hi], used_R[lo:hi]
+    p_R, n_R = run_rows(r, u, may_keep)
+    scatter = lambda v_R: jnp.zeros((N,), jnp.float32).at[r].add(jnp.where(u, v_R, 0.0))
+    return scatter(p_R), scatter(n_R)
+
+  paper, nelbo = chunk(0, cap)
+  if cap < N:
+    zeros = lambda: (jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32))
+    # The overflow chunk recomputes in the backward pass, so no (rows, C) residual crosses the
+    # lax.cond (a linearised cond carries the residuals of both branches).
+    p2, n2 = jax.lax.cond(n_active > cap, lambda: chunk(cap, N, may_keep=False), zeros)
+    paper, nelbo = paper + p2, nelbo + n2
+  return paper, nelbo
+
+
 def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0_BxL: jax.Array,
                 y_t: jax.Array, t_B: jax.Array, codec, *, schedule, carry_over: bool = True,
                 with_nelbo: bool = True, tile: int = 2048,
                 keep_logits_bytes: int = 2**30, active_fraction: float = 0.0,
+                single_fraction: float = 0.0,
                 tail: tuple[jax.Array, jax.Array] | None = None) -> dict:
   """Per-token {'paper', 'nelbo'} (B, L) from the head's input, without (B, L, C) logits.
 
@@ -211,6 +283,12 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
   `lax.cond` (skipped otherwise), so the result is always exact. Under the log-linear schedule
   that is 2/3 of the rows on average at ell = 2, 1/2 at ell = 1. The gather is over the whole
   flattened batch: use it when the batch is not sharded.
+
+  `single_fraction` > 0 as well (ell > 1): the tokens with exactly one masked sub-token go to
+  `single_digit_losses` (b candidate classes each, capacity from this expected share, with its own
+  overflow chunk) and the full head runs on the tokens with two or more, whose expected share is
+  then what `active_fraction` must give (`active_fraction(..., at_least_two=True)`). At ell = 2
+  under the log-linear schedule that halves the full head's rows, from 2/3 to 1/3 of them.
   """
   from prime_jax.diffusion import schedules as schedules_lib
   schedule = schedules_lib.as_schedule(schedule)
@@ -232,32 +310,27 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
     return _losses(hs, Ws, bias_C, x0, y, w, codec, bool(carry_over), bool(with_nelbo),
                    int(tile), keep)
 
-  cap = head_capacity(N, active_fraction) if (carry_over and active_fraction > 0) else N
-  if cap >= N:
+  def on_rows(fn):
+    # Unused slots point at row 0 with weight 0: no loss and no gradient from them.
+    return lambda r, u, may_keep: fn(h_NxD[r], x0_N[r], y_NxK[r], jnp.where(u, w_N[r], 0.0),
+                                     may_keep)
+
+  compact = carry_over and active_fraction > 0
+  cap = head_capacity(N, active_fraction) if compact else N
+  n_masked_N = jnp.sum((y_NxK == codec.mask_id).astype(jnp.int32), axis=-1)
+  if compact and K > 1 and single_fraction > 0:
+    def single(h, x0, y, w, may_keep):
+      f = lambda h, x0, y, w, W, b, tl: single_digit_losses(h, W, b, x0, y, w, codec, tl)
+      # Remat in the overflow chunk: its (rows, b, D) residuals must not cross the lax.cond.
+      return (f if may_keep else jax.checkpoint(f))(h, x0, y, w, kernel_DxC, bias_C, tail)
+
+    paper, nelbo = _compacted(n_masked_N == 1, head_capacity(N, single_fraction), on_rows(single))
+    p2, n2 = _compacted(n_masked_N >= 2, cap, on_rows(run))
+    paper, nelbo = paper + p2, nelbo + n2
+  elif cap >= N:
     paper, nelbo = run(h_NxD, x0_N, y_NxK, w_N)
   else:
-    active_N = jnp.any(y_NxK == codec.mask_id, axis=-1)
-    n_active = jnp.sum(active_N.astype(jnp.int32))
-    # Rank of each active row among the active rows; the first `cap` go to the main chunk, the
-    # rest (rare: a batch above the expected share plus the margin) to an overflow chunk.
-    rank_N = jnp.where(active_N, jnp.cumsum(active_N.astype(jnp.int32)) - 1, N)
-    rows_R = jnp.zeros((N,), jnp.int32).at[rank_N].set(jnp.arange(N, dtype=jnp.int32),
-                                                       mode='drop')
-    used_R = jnp.arange(N) < n_active
-
-    def chunk(lo, hi, may_keep=True):
-      # Unused slots point at row 0 with weight 0: no loss and no gradient from them.
-      r, u = rows_R[lo:hi], used_R[lo:hi]
-      p_R, n_R = run(h_NxD[r], x0_N[r], y_NxK[r], jnp.where(u, w_N[r], 0.0), may_keep)
-      scatter = lambda v_R: jnp.zeros((N,), jnp.float32).at[r].add(jnp.where(u, v_R, 0.0))
-      return scatter(p_R), scatter(n_R)
-
-    paper, nelbo = chunk(0, cap)
-    zeros = lambda: (jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32))
-    # The overflow chunk recomputes its logits in the backward pass, so no (rows, C) residual
-    # crosses the lax.cond (a linearised cond carries the residuals of both branches).
-    p2, n2 = jax.lax.cond(n_active > cap, lambda: chunk(cap, N, may_keep=False), zeros)
-    paper, nelbo = paper + p2, nelbo + n2
+    paper, nelbo = _compacted(n_masked_N >= 1, cap, on_rows(run))
   out = {'paper': paper.reshape(B, L)}
   if with_nelbo:
     out['nelbo'] = nelbo.reshape(B, L)
