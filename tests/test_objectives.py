@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from prime_jax.diffusion import exact
+from prime_jax.diffusion import forward
 from prime_jax.diffusion import objectives
 from prime_jax.diffusion import parameterization
 from prime_jax.diffusion import schedules
@@ -233,3 +234,36 @@ def test_image_paper_loss_is_unweighted_cross_entropy():
   log_p = parameterization.log_probs(logits, y_t, codec)
   np.testing.assert_allclose(objectives.image_paper_loss(log_p, x0),
                              -jax.nn.log_softmax(logits)[..., 0], rtol=1e-12)
+
+
+@pytest.mark.parametrize('ell,schedule', [(1, 'loglinear'), (2, 'loglinear'), (3, 'linear')])
+def test_self_normalized_mean_is_the_ratio_estimator(ell, schedule):
+  """With the same NLL c on every token with a masked sub-token, the self-normalised estimate is
+  the plain mean's expectation w(t) q(t) c, whatever mask was drawn; the plain mean scatters
+  around it. Over many draws both estimate the same objective, the self-normalised one with far
+  less spread."""
+  sched = schedules.get(schedule)
+  B, L, K, c = 4096, 64, ell, 2.5
+  mask_id = 7
+  t = forward.sample_times(jax.random.key(0), B)
+  y = forward.mask(jax.random.key(1), jnp.zeros((B, L, K), jnp.int32), t, schedule=sched,
+                   mask_id=mask_id)
+  active = jnp.any(y == mask_id, axis=-1)
+  w = sched.weight(t)
+  loss = w[:, None] * active * c
+  q = 1.0 - sched.alpha(t)**K
+  per_seq = jax.vmap(lambda l, yy, tt: objectives.self_normalized_mean(
+      l[None], yy[None], tt[None], schedule=sched, mask_id=mask_id))(loss, y, t)
+  seen = np.asarray(jnp.any(active, axis=-1))
+  assert seen.mean() > 0.95
+  # Any single sequence with an active token: exactly the expectation, for every t.
+  np.testing.assert_allclose(per_seq[seen], (w * q * c)[seen], rtol=1e-5)
+  # The plain per-sequence estimate scatters around it by the binomial count of active tokens.
+  plain_seq = jnp.mean(loss, axis=-1)
+  assert np.std(np.asarray(plain_seq - w * q * c)[seen]) > 0.1 * c
+  sn = objectives.self_normalized_mean(loss, y, t, schedule=sched, mask_id=mask_id)
+  plain = objectives.token_mean(loss)
+  expected = jnp.mean(w * q * c)
+  # Sequences without an active token (t ~ eps) give 0 instead: a tiny bias, O((1 - q)^L).
+  np.testing.assert_allclose(sn, expected, rtol=2e-2)
+  np.testing.assert_allclose(plain, expected, rtol=5e-2)

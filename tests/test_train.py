@@ -14,6 +14,7 @@ import pytest
 from configs import sotu
 from prime_jax import checkpoint as checkpoint_lib
 from prime_jax import train as train_lib
+from prime_jax.diffusion import objectives
 from prime_jax.metrics import writer as writer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,3 +184,32 @@ def test_non_finite_loss_stops_loudly_and_keeps_the_last_good_checkpoint(tmp_pat
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
   assert (tmp_path / 'parameters.txt').read_text().count('kernel') > 3
   ckpt.close()
+
+
+def test_self_normalized_loss_is_what_the_step_differentiates():
+  """diffusion.self_normalize: the step minimises objectives.self_normalized_mean of the same
+  draw (t, y_t) whose plain token means it logs beside it; images refuse the option."""
+  batch = np.random.default_rng(3).integers(0, 50257, size=(8, 32)).astype(np.int32)
+  _, m_sn = _step_once(tiny_config(**{'diffusion.self_normalize': True}), jax.devices()[:1], batch)
+  _, m_plain = _step_once(tiny_config(**{'diffusion.self_normalize': False}), jax.devices()[:1],
+                          batch)
+  assert float(m_sn['loss']) == pytest.approx(float(m_sn['self_normalized']), rel=1e-6)
+  assert float(m_plain['loss']) == pytest.approx(float(m_plain['nelbo']), rel=1e-6)
+  assert 'self_normalized' not in m_plain
+  assert abs(float(m_sn['loss']) - float(m_sn['nelbo'])) > 1e-3  # the estimators differ
+  cfg = tiny_config(**{'diffusion.self_normalize': True})
+  tr = train_lib.Trainer(cfg, '', devices=jax.devices()[:1])
+  state = train_lib.init_state(cfg, tr.codec, tr.tx, tr.mesh, tr.shardings)
+  key = jax.random.key(5)
+  loss, aux = train_lib.training_loss(state.params, tr.graphdef, batch, key, tr.task)
+  t_B, y_t, k_drop = train_lib.noisy_batch(batch, key, tr.task)
+  per_token = train_lib.losses_at(state.params, tr.graphdef, batch, t_B, y_t, tr.task, train=True,
+                                  dropout_key=k_drop)
+  expected = objectives.self_normalized_mean(per_token['nelbo'], y_t, t_B,
+                                             schedule=tr.task.schedule, mask_id=tr.codec.mask_id)
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  np.testing.assert_allclose(aux['nelbo'], objectives.token_mean(per_token['nelbo']), rtol=1e-6)
+  image = tiny_config(**{'diffusion.self_normalize': True, 'data.source': 'cifar10',
+                         'model.name': 'unet'})
+  with pytest.raises(ValueError, match='self_normalize'):
+    train_lib.build_task(image)

@@ -296,8 +296,8 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
   N, K = B * L, codec.ell
   w_N = jnp.broadcast_to(schedule.weight(t_B).astype(jnp.float32)[:, None], (B, L)).reshape(-1)
   h_NxD = h_BxLxD.reshape(N, D)
-  x0_N = x0_BxL.reshape(-1).astype(jnp.int32)
-  y_NxK = y_t.reshape(N, K).astype(jnp.int32)
+  x0_N = jnp.asarray(x0_BxL).reshape(-1).astype(jnp.int32)
+  y_NxK = jnp.asarray(y_t).reshape(N, K).astype(jnp.int32)
 
   def run(h, x0, y, w, may_keep=True):
     keep = may_keep and h.shape[0] * codec.vocab_size * 4 <= keep_logits_bytes
