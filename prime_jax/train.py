@@ -47,9 +47,9 @@ class Task:
   objective: str
   sampling_eps: float
   antithetic: bool
-  image: bool = False
+  image: bool = False  # UNet on a (H, W, channels) token grid: logits are materialised (C = 256)
   # Train on objectives.self_normalized_mean (text): the same objective, lower variance.
-  self_normalize: bool = False  # UNet on a (H, W, channels) token grid: logits are materialised (C = 256)
+  self_normalize: bool = False
   # > 0: the text head runs only on tokens with a masked sub-token (fused_head.head_losses).
   head_active_fraction: float = 0.0
   # > 0 too: tokens with exactly one masked sub-token take fused_head.single_digit_losses.
@@ -164,7 +164,7 @@ def ema_decay(step, decay: float):
 
 
 def noisy_batch(x0_BxL, key, task: Task):
-  """Draws t (B,) and y_t (B, L, K) for clean tokens; returns (t_B, y_t, dropout key)."""
+  """Draws t (B,) and y_t (B, *S, K) for clean tokens (B, *S); returns (t_B, y_t, dropout key)."""
   k_t, k_mask, k_drop = jax.random.split(key, 3)
   codec = task.codec
   t_B = forward.sample_times(k_t, x0_BxL.shape[0], eps=task.sampling_eps,
@@ -206,12 +206,8 @@ def image_losses(params, graphdef, x0_BxHxWxC, key, task: Task, *, train: bool):
     'paper_nll'  the reference's NLL estimator (SPEC 7.4): the weighted joint; no bound for ell > 1.
   C = 256 classes are few, so the logits are materialised and the core objectives used as they are.
   """
-  k_t, k_mask, k_drop = jax.random.split(key, 3)
   codec = task.codec
-  t_B = forward.sample_times(k_t, x0_BxHxWxC.shape[0], eps=task.sampling_eps,
-                             antithetic=task.antithetic)
-  y_t = forward.mask(k_mask, codec.encode(x0_BxHxWxC), t_B, schedule=task.schedule,
-                     mask_id=codec.mask_id)
+  t_B, y_t, k_drop = noisy_batch(x0_BxHxWxC, key, task)
   model = nnx.merge(graphdef, params)
   logits = model(y_t, t_B, deterministic=not train, rngs=k_drop)
   log_p = parameterization.log_probs(logits, y_t, codec, carry_over=task.carry_over)

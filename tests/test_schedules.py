@@ -151,4 +151,3 @@ def test_mask_independent_across_subtokens():
   assert _within_binomial((masked[:, 0] & ~masked[:, 1]).sum(), n, p * (1 - p))
   assert _within_binomial(masked.all(-1).sum(), n, p**4)
   assert _within_binomial((~masked).all(-1).sum(), n, (1 - p)**4)
-
