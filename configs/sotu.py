@@ -5,8 +5,6 @@ field; the reference values are the base config's): the head bias starts at the 
 and the head kernel and adaLN modulation are drawn at random instead of zero. With zeros every
 masked position starts with one feature vector and the trunk gets no gradient at step 0, a saddle
 that a 10^6-step run leaves quickly and a 600-step run does not. Adam's b2 is 0.9 (base: 0.999).
-The loss is the self-normalised estimate of the objective (`diffusion.self_normalize`): at batch 32
-the plain 1/t-weighted mean lets a lone token at small t carry a whole step.
 
   python -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu
   python -m prime_jax.main --config configs/sotu.py:ell=1 --workdir workdir/sotu_l1   # MDLM
@@ -22,7 +20,6 @@ def get_config(arg: str = ''):
   # Trained on the authors' objective (one exp pass cheaper than the bound on a CPU); every
   # likelihood printed is the valid bound.
   c.diffusion.objective = kv.get('objective', 'paper')
-  c.diffusion.self_normalize = True
   c.model.dim = 128
   c.model.num_heads = 4
   c.model.num_layers = 4
