@@ -39,6 +39,7 @@ def get_config(arg: str = ''):
   c.train.log_every = 25
   c.train.eval_every = 300
   c.train.ckpt_every = 100
+  c.train.single_digit_head = True  # exact; 985 -> 844 ms per step here (README, Speed)
   c.eval.num_batches = 0  # the whole validation split (2,687 sequences), as the unigram baseline
   c.eval.batch_size = 64
   c.lock()

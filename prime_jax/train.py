@@ -84,7 +84,7 @@ def build_task(cfg: ml_collections.ConfigDict, mesh=None) -> Task:
   if (mesh is not None and cfg.train.get('compact_head', True) and d.carry_over and not image
       and mesh.shape.get('data', 1) * mesh.shape.get('fsdp', 1) == 1):
     fraction = fused_head.active_fraction(schedule, codec.ell, float(d.sampling_eps))
-    if codec.ell > 1 and cfg.train.get('single_digit_head', True):
+    if codec.ell > 1 and cfg.train.get('single_digit_head', False):
       single = fused_head.active_fraction(schedule, codec.ell, float(d.sampling_eps),
                                           exactly_one=True)
       fraction = fused_head.active_fraction(schedule, codec.ell, float(d.sampling_eps),
