@@ -98,8 +98,7 @@ def self_normalized_mean(loss: jax.Array, y_t: jax.Array, t: jax.Array, *, sched
   token_axes = tuple(range(1, active.ndim))
   n_B = jnp.sum(active, axis=token_axes).astype(loss.dtype)
   q_B = 1.0 - schedule.alpha(jnp.asarray(t, loss.dtype))**ell
-  scale_B = q_B * math.prod(active.shape[1:]) / jnp.maximum(n_B, 1.0)
-  return jnp.mean(jnp.sum(loss, axis=token_axes) * scale_B) / math.prod(active.shape[1:])
+  return jnp.mean(jnp.sum(loss, axis=token_axes) * q_B / jnp.maximum(n_B, 1.0))
 
 
 def nats_to_bits(nats):
