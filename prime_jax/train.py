@@ -150,8 +150,39 @@ def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):
   else:
     raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}.")
   chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+  adam = lambda b2: optax.adamw(lr, b1=o.b1, b2=b2, eps=o.eps, weight_decay=o.weight_decay)
+  head_b2 = float(o.get('head_b2', 0.0) or 0.0)
+  if head_b2 and head_b2 != o.b2:
+    if not 0.0 < head_b2 < 1.0:
+      raise ValueError(f'optim.head_b2={head_b2} must lie in (0, 1) (0 = the same as optim.b2).')
+    chain.append(optax.multi_transform({'head': adam(head_b2), 'trunk': adam(o.b2)},
+                                       output_head_labels))
+  else:
+    chain.append(adam(o.b2))
   return optax.chain(*chain), lr
+
+
+_HEAD_MODULES = ('head', 'tail', 'tail_proj')
+
+
+def output_head_labels(params):
+  """'head' for the DiT's output head (final.head, and the tail head's final.tail_proj and
+  final.tail), 'trunk' for every other parameter: the groups of `optim.head_b2`.
+
+  The head's columns are a sparse-gradient problem: a token's column gets a large gradient on the
+  few steps it is a target and a tiny one of one sign (its softmax probability) on all others. With
+  a short second-moment memory (small b2) Adam forgets the large ones within ~1 / (1 - b2) steps
+  and then moves the column by ~lr per step on the tiny ones, pushing every rare token down.
+  """
+  def label(path, _):
+    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    return 'head' if len(names) > 1 and names[0] == 'final' and names[1] in _HEAD_MODULES \
+        else 'trunk'
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  if 'head' not in jax.tree.leaves(labels):
+    raise ValueError('optim.head_b2 is set but the model has no final.head parameters (it applies '
+                     'to the DiT text models only); set optim.head_b2=0.')
+  return labels
 
 
 def ema_decay(step, decay: float):
