@@ -554,9 +554,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                      f'{last_eval["paper_objective"]:.4f}, authors\' BPD estimate '
                      f'{last_eval["paper_bpd"]:.4f} (not a bound for ell > 1)')
       else:
-        writer.print(f'eval step {done}: NLL {last_eval["nll"]:.4f} nats/token, '
-                     f'PPL <= {last_eval["ppl_bound"]:.2f} (valid bound); authors\' objective '
-                     f'{last_eval["paper_objective"]:.4f}')
+        cv = (f'; control variate NLL {last_eval["nll_cv"]:.4f} ± {last_eval["nll_cv_se"]:.4f}, '
+              f'PPL <= {last_eval["ppl_bound_cv"]:.2f}') if 'nll_cv' in last_eval else ''
+        writer.print(f'eval step {done}: NLL {last_eval["nll"]:.4f} ± {last_eval["nll_se"]:.4f} '
+                     f'nats/token, PPL <= {last_eval["ppl_bound"]:.2f} (valid bound){cv}; '
+                     f'authors\' objective {last_eval["paper_objective"]:.4f}')
     if done % cfg.train.ckpt_every == 0 or done == cfg.train.num_steps:
       if not bool(jax.device_get(metrics['finite'])):
         raise FloatingPointError(f'Non-finite loss at step {done}; not checkpointing.')

@@ -57,6 +57,8 @@ def test_eval_independent_of_mesh_and_batch(trained):
   ev4 = evaluate.Evaluator(cfg2, one.mesh, one.graphdef, one.param_shardings, one.task, num_t=2)
   r4 = ev4.run(one.params, num_batches=4)
   np.testing.assert_allclose(r4['nll'], r1['nll'], rtol=1e-5)
+  for key in ('nll_cv', 'nll_cv_se', 'nll_se', 'reference_mc'):
+    np.testing.assert_allclose([r8[key], r4[key]], r1[key], rtol=1e-4)
 
 
 def test_whole_split_counts_every_real_token_once(trained):
@@ -198,3 +200,60 @@ def test_integrand_grid_of_an_untrained_unigram_model_is_the_unigram_floor():
   assert rows[1]['unigram'] - rows[0]['unigram'] > 1.0
   with pytest.raises(ValueError, match='fixed evaluation time'):
     evaluate.Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task, t_fixed=1.0)
+
+
+def test_control_variate_of_a_context_free_model_is_the_exact_expectation():
+  """A model that is the training unigram (zero head kernel, unigram bias): model - unigram is 0
+  on every draw, so nll_cv is the exact expected estimate with no error, while the plain estimate
+  scatters around it within its standard error."""
+  cfg = tiny_config(**{'data.seq_len': 16, 'eval.batch_size': 8, 'model.head_init_scale': 0.0})
+  tr = train_lib.Trainer(cfg, '', devices=jax.devices()[:1])
+  state = train_lib.init_state(cfg, tr.codec, tr.tx, tr.mesh, tr.shardings,
+                               train_lib.head_bias_prior(cfg))
+  ev = evaluate.Evaluator(cfg, tr.mesh, tr.graphdef, tr.shardings.params, tr.task, num_t=4)
+  r = ev.run(state.params, num_batches=8)
+  np.testing.assert_allclose(r['reference_mc'], r['nll'], rtol=1e-5)
+  np.testing.assert_allclose(r['nll_cv'], r['reference_nll'], atol=1e-4)
+  assert r['nll_cv_se'] < 1e-4 < r['nll_se']
+  assert abs(r['nll'] - r['reference_nll']) < 4 * r['nll_se']
+  # The expectation is the unigram cross-entropy of these very tokens, up to t < eps.
+  counts = ev.last_counts
+  xent = -(counts * pipeline.unigram_log_probs('sotu', 16)).sum() / counts.sum()
+  np.testing.assert_allclose(r['reference_nll'], xent, rtol=2e-3)
+  assert 'nll_cv' not in evaluate.Evaluator(cfg, tr.mesh, tr.graphdef, tr.shardings.params,
+                                            tr.task, control_variate=False).run(
+                                                state.params, num_batches=1)
+
+
+@pytest.mark.parametrize('ell', [1, 2, 3])
+def test_unigram_expected_estimate_is_the_mean_integrand_over_t(ell):
+  """report.unigram_expected_estimate: the integrand's mean over t ~ U[eps, 1) (against a dense
+  trapezoid rule), and -log p exactly when eps -> 0 (linear schedule)."""
+  from prime_jax import report
+  from prime_jax.diffusion import subtokens
+  rng = np.random.default_rng(ell)
+  codec = subtokens.Codec(27, ell)
+  log_p = np.log(rng.dirichlet(np.ones(27)))
+  counts = rng.integers(0, 50, 27).astype(float)
+  nll = -(counts * log_p).sum() / counts.sum()
+  sched, eps = schedules.get('loglinear', eps=1e-3), 1e-3
+  t = np.geomspace(eps, 1.0, 4001)
+  f = np.array([report.unigram_integrand(log_p, counts, codec, sched, x) for x in t[::400]])
+  coef = report.unigram_integrand_coefficients(log_p, counts, codec)
+  dense = np.array([report._integrand_from(coef, sched, x) for x in t])  # pylint: disable=protected-access
+  np.testing.assert_allclose(dense[::400], f, rtol=1e-12)
+  expected = report.unigram_expected_estimate(log_p, counts, codec, sched, eps)
+  np.testing.assert_allclose(expected, np.trapezoid(dense, t) / (1 - eps), rtol=1e-5)
+  np.testing.assert_allclose(
+      report.unigram_expected_estimate(log_p, counts, codec, schedules.get('linear'), 1e-9), nll,
+      rtol=1e-6)
+
+
+def test_ratio_standard_error():
+  rng = np.random.default_rng(0)
+  num = rng.normal(5.0, 2.0, 1000)
+  np.testing.assert_allclose(evaluate.ratio_se(num * 16, np.full(1000, 16.0)),
+                             num.std(ddof=1) / np.sqrt(1000), rtol=1e-10)
+  den = np.arange(1.0, 1001.0)
+  assert evaluate.ratio_se(5.0 * den, den) < 1e-12  # a constant ratio has no error
+  assert np.isnan(evaluate.ratio_se(num[:1], np.ones(1)))
