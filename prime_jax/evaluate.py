@@ -235,9 +235,10 @@ def summarize(sums: dict, **extra) -> dict[str, Any]:
 
 
 def format_result(r: dict) -> str:
-  line = (f"{r['source']}/{r['split']}: NLL <= {r['nll']:.4f} ± {r.get('nll_se', float('nan')):.4f} "
-          f"nats/token ({r['bpt']:.4f} bits), PPL <= {r['ppl_bound']:.2f} (valid bound); authors' "
-          f"objective {r['paper_objective']:.4f} (not a bound for ell > 1); {r['tokens']:,} tokens, "
+  se = r.get('nll_se', float('nan'))
+  line = (f"{r['source']}/{r['split']}: NLL <= {r['nll']:.4f} ± {se:.4f} nats/token "
+          f"({r['bpt']:.4f} bits), PPL <= {r['ppl_bound']:.2f} (valid bound); authors' objective "
+          f"{r['paper_objective']:.4f} (not a bound for ell > 1); {r['tokens']:,} tokens, "
           f"{r['num_t']} t/sequence")
   if 'nll_cv' in r:
     line += '\n  ' + format_control_variate(r)

@@ -119,7 +119,8 @@ def print_summary(cfg, workdir: str, summary: dict) -> None:
                  'control-variate estimate ± standard error)')
     lines.append(f'  plain Monte Carlo estimate: NLL <= {summary["nll"]:.4f} ± '
                  f'{summary["nll_se"]:.4f}, PPL <= {summary["ppl_bound"]:.2f} (the unigram on the '
-                 f'same draws: {summary["reference_mc"]:.4f}, expected {summary["reference_nll"]:.4f})')
+                 f'same draws: {summary["reference_mc"]:.4f}, expected '
+                 f'{summary["reference_nll"]:.4f})')
   elif 'nll' in summary:
     lines.append(f'validation NLL <= {summary["nll"]:.4f} nats/token, PPL <= '
                  f'{summary["ppl_bound"]:.2f} (valid bound, EMA weights)')
