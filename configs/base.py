@@ -66,7 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.head_b2 = 0.0  # Adam b2 of the output head only (train.output_head_labels); 0: optim.b2
+  c.optim.head_b2 = 0.0  # Adam b2 of the output head only (train.optimizer_groups); 0: optim.b2
+  c.optim.adaln_lr_scale = 1.0  # lr multiplier of the adaLN modulation layers (same groups)
   c.optim.weight_decay = 0.0
   c.optim.warmup_steps = 2500
   c.optim.schedule = 'constant'  # constant | cosine (after warm-up)

@@ -150,38 +150,55 @@ def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):
   else:
     raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}.")
   chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  adam = lambda b2: optax.adamw(lr, b1=o.b1, b2=b2, eps=o.eps, weight_decay=o.weight_decay)
-  head_b2 = float(o.get('head_b2', 0.0) or 0.0)
-  if head_b2 and head_b2 != o.b2:
-    if not 0.0 < head_b2 < 1.0:
-      raise ValueError(f'optim.head_b2={head_b2} must lie in (0, 1) (0 = the same as optim.b2).')
-    chain.append(optax.multi_transform({'head': adam(head_b2), 'trunk': adam(o.b2)},
-                                       output_head_labels))
-  else:
+  adam = lambda b2, rate=lr: optax.adamw(rate, b1=o.b1, b2=b2, eps=o.eps,
+                                          weight_decay=o.weight_decay)
+  head_b2 = float(o.get('head_b2', 0.0) or 0.0) or o.b2
+  adaln_scale = float(o.get('adaln_lr_scale', 1.0))
+  if not 0.0 < head_b2 < 1.0:
+    raise ValueError(f'optim.head_b2={head_b2} must lie in (0, 1) (0 = the same as optim.b2).')
+  if adaln_scale <= 0:
+    raise ValueError(f'optim.adaln_lr_scale={adaln_scale} must be > 0 (1 = the same lr).')
+  if head_b2 == o.b2 and adaln_scale == 1.0:
     chain.append(adam(o.b2))
+  else:
+    groups = {'trunk': adam(o.b2)}
+    if head_b2 != o.b2:
+      groups['head'] = adam(head_b2)
+    if adaln_scale != 1.0:
+      groups['adaln'] = adam(o.b2, lambda step: adaln_scale * lr(step))
+    named = tuple(k for k in groups if k != 'trunk')
+    chain.append(optax.multi_transform(groups,
+                                       functools.partial(optimizer_groups, groups=named)))
   return optax.chain(*chain), lr
 
 
 _HEAD_MODULES = ('head', 'tail', 'tail_proj')
 
 
-def output_head_labels(params):
-  """'head' for the DiT's output head (final.head, and the tail head's final.tail_proj and
-  final.tail), 'trunk' for every other parameter: the groups of `optim.head_b2`.
+def optimizer_groups(params, groups=('head', 'adaln')):
+  """The DiT's parameters by optimiser group (those in `groups`, the rest 'trunk'): 'head'
+  (final.head, and the tail head's final.tail_proj and final.tail; Adam b2 = `optim.head_b2`),
+  'adaln' (every adaLN modulation, blocks.*.adaln and final.adaln; lr x `optim.adaln_lr_scale`).
 
   The head's columns are a sparse-gradient problem: a token's column gets a large gradient on the
   few steps it is a target and a tiny one of one sign (its softmax probability) on all others. With
   a short second-moment memory (small b2) Adam forgets the large ones within ~1 / (1 - b2) steps
   and then moves the column by ~lr per step on the tiny ones, pushing every rare token down.
+  An adaLN layer maps the time embedding to per-feature scales: Adam moves all of a scale's inputs
+  by ~lr at once, so the scale moves by ~lr x fan-in per step, and the final layer's (1 + scale) can
+  reach 0 within a few steps, switching the features off (the model then sits at the unigram).
   """
   def label(path, _):
     names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-    return 'head' if len(names) > 1 and names[0] == 'final' and names[1] in _HEAD_MODULES \
-        else 'trunk'
+    if 'head' in groups and len(names) > 1 and names[0] == 'final' and names[1] in _HEAD_MODULES:
+      return 'head'
+    return 'adaln' if 'adaln' in groups and 'adaln' in names else 'trunk'
   labels = jax.tree_util.tree_map_with_path(label, params)
-  if 'head' not in jax.tree.leaves(labels):
-    raise ValueError('optim.head_b2 is set but the model has no final.head parameters (it applies '
-                     'to the DiT text models only); set optim.head_b2=0.')
+  missing = set(groups) - set(jax.tree.leaves(labels))
+  if missing:
+    raise ValueError(f'The optimiser groups {sorted(missing)} have no parameters in this model '
+                     '(optim.head_b2 and optim.adaln_lr_scale apply to the DiT text models); '
+                     'set optim.head_b2=0 and optim.adaln_lr_scale=1.')
   return labels
 
 

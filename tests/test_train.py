@@ -215,23 +215,30 @@ def test_self_normalized_loss_is_what_the_step_differentiates():
     train_lib.build_task(image)
 
 
-def test_head_b2_gives_the_output_head_its_own_adam_second_moment():
+def test_optimizer_groups_head_b2_and_adaln_lr_scale():
   """optim.head_b2: final.head's parameters follow Adam with b2 = head_b2, all others optim.b2;
-  each group equals a plain AdamW of its own over the same gradients (clipping on the whole tree)."""
+  optim.adaln_lr_scale: the adaLN layers' steps are scaled. Each group equals a plain AdamW of its
+  own over the same gradients (clipping on the whole tree)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   # b1 = 0: the updates are g / sqrt(v), so they show the second moments alone.
   cfg = tiny_config(**{'optim.head_b2': 0.999, 'optim.b2': 0.9, 'optim.warmup_steps': 0,
-                       'optim.b1': 0.0})
+                       'optim.b1': 0.0, 'optim.adaln_lr_scale': 0.5})
   params = nnx.state(train_lib.build_model(cfg, train_lib.build_codec(cfg), nnx.Rngs(0)),
                      nnx.Param)
   labels = {jax.tree_util.keystr(p): v
-            for p, v in jax.tree_util.tree_leaves_with_path(train_lib.output_head_labels(params))}
+            for p, v in jax.tree_util.tree_leaves_with_path(train_lib.optimizer_groups(params))}
   assert sorted(k for k, v in labels.items() if v == 'head') == [
       "['final']['head']['bias'].value", "['final']['head']['kernel'].value"]
+  adaln = sorted(k for k, v in labels.items() if v == 'adaln')
+  assert len(adaln) == 2 * (cfg.model.num_layers + 1) and all("['adaln']" in k for k in adaln)
+  # Only the groups in use are labelled, so head_b2 alone keeps the same optimiser state as before.
+  assert set(jax.tree.leaves(train_lib.optimizer_groups(params, groups=('head',)))) == {
+      'head', 'trunk'}
   tx, _ = train_lib.make_optimizer(cfg.optim, 10)
   update = {'mixed': jax.jit(tx.update)}
   cfg_plain = {b2: tiny_config(**{'optim.head_b2': 0.0, 'optim.b2': b2, 'optim.warmup_steps': 0,
-                                  'optim.b1': 0.0}) for b2 in (0.9, 0.999)}
+                                  'optim.b1': 0.0, 'optim.adaln_lr_scale': 1.0})
+               for b2 in (0.9, 0.999)}
   plain = {b2: train_lib.make_optimizer(c.optim, 10)[0] for b2, c in cfg_plain.items()}
   update.update({b2: jax.jit(t.update) for b2, t in plain.items()})
   states = {'mixed': tx.init(params), **{b2: t.init(params) for b2, t in plain.items()}}
@@ -250,10 +257,13 @@ def test_head_b2_gives_the_output_head_its_own_adam_second_moment():
       continue
     for (path, u), r9, r999 in zip(jax.tree_util.tree_leaves_with_path(upd),
                                    jax.tree.leaves(ref[0.9]), jax.tree.leaves(ref[0.999])):
-      want = r999 if labels[jax.tree_util.keystr(path)] == 'head' else r9
+      group = labels[jax.tree_util.keystr(path)]
+      want = r999 if group == 'head' else 0.5 * r9 if group == 'adaln' else r9
       np.testing.assert_allclose(u, want, rtol=1e-5, atol=1e-9)
   head_kernel = lambda tree: tree['final']['head']['kernel'][...]
   # The test can tell the groups apart: b2 = 0.9 has forgotten the large step, 0.999 has not.
   assert np.abs(head_kernel(ref[0.9])).mean() > 3 * np.abs(head_kernel(ref[0.999])).mean()
   with pytest.raises(ValueError, match='head_b2'):
     train_lib.make_optimizer(tiny_config(**{'optim.head_b2': 1.5}).optim, 10)
+  with pytest.raises(ValueError, match='adaln_lr_scale'):
+    train_lib.make_optimizer(tiny_config(**{'optim.adaln_lr_scale': 0.0}).optim, 10)
