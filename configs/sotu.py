@@ -7,7 +7,7 @@ zero. With zeros every masked position starts with one feature vector and the tr
 gradient at step 0, a saddle that a 10^6-step run leaves quickly and a 600-step run does not; a
 full-scale random kernel (U(±1/sqrt(D))) costs every token ~0.2 nats of logit noise to unlearn.
 Adam's b2 is 0.9 (base: 0.999) for the trunk and 0.999 for the output head, whose columns of rare
-tokens get sparse gradients (README, "What the trained model does").
+tokens get sparse gradients; lr 1e-3 (README, "What the trained model does").
 
   python -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu
   python -m prime_jax.main --config configs/sotu.py:ell=1 --workdir workdir/sotu_l1   # MDLM
@@ -33,7 +33,10 @@ def get_config(arg: str = ''):
   c.data.source = 'sotu'
   c.data.seq_len = 64
   c.data.batch_size = 32
-  c.optim.lr = 3e-3
+  # Adam moves every entry of a weight matrix by ~lr per step, so a consistent (rank-one) gradient
+  # grows its norm by ~lr x D per step: at 3e-3 the first block's attention blew the residual
+  # stream up to rms ~250 (seed 2) and every masked position looked the same (README).
+  c.optim.lr = 1e-3
   c.optim.b2 = 0.9  # short run: the second moment follows the heavy-tailed 1/t-weighted gradients
   c.optim.head_b2 = 0.999  # the head keeps its rare tokens' large gradients in mind
   c.optim.warmup_steps = 50
