@@ -139,7 +139,9 @@ class Evaluator:
     ref_sh = () if self.ref_log_p is None else (sharding_lib.replicated(mesh),)
     self.step = jax.jit(functools.partial(eval_sums, graphdef=graphdef, task=task,
                                           num_t=self.num_t, seed=self.seed, t_fixed=t_fixed),
-                        in_shardings=(param_shardings, batch_sh) + ref_sh)
+                        in_shardings=(param_shardings, batch_sh) + ref_sh,
+                        # Replicated: every host reads the whole batch's per-sequence sums.
+                        out_shardings=sharding_lib.replicated(mesh))
 
   def run(self, params, source: Optional[str] = None, split: Optional[str] = None, *,
           num_batches: Optional[int] = None, data_dir: Optional[str] = None,
@@ -175,9 +177,10 @@ class Evaluator:
       m = jax.device_get(self.step(params, sharding_lib.global_batch(arrays, self.mesh), *ref))
       for k in sums:
         sums[k] += float(m[k])
+      real = np.asarray(m['tokens_B']) > 0  # the global batch's real rows (padding has none)
       for k in per_sequence:
         if k in m:
-          per_sequence[k].append(np.asarray(m[k], np.float64)[arrays['mask']])
+          per_sequence[k].append(np.asarray(m[k], np.float64)[real])
       n += 1
       if bar is not None:
         bar.update(1)
