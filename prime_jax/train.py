@@ -184,9 +184,9 @@ def optimizer_groups(params, groups=('head', 'adaln')):
   few steps it is a target and a tiny one of one sign (its softmax probability) on all others. With
   a short second-moment memory (small b2) Adam forgets the large ones within ~1 / (1 - b2) steps
   and then moves the column by ~lr per step on the tiny ones, pushing every rare token down.
-  An adaLN layer maps the time embedding to per-feature scales: Adam moves all of a scale's inputs
-  by ~lr at once, so the scale moves by ~lr x fan-in per step, and the final layer's (1 + scale) can
-  reach 0 within a few steps, switching the features off (the model then sits at the unigram).
+  An adaLN layer maps the time embedding to per-feature scales and gates: Adam moves all of a
+  scale's inputs by ~lr at once, so the scale moves by up to ~lr x fan-in per step. (On sotu a
+  scale of 0.1 did not help; README.)
   """
   def label(path, _):
     names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
