@@ -31,10 +31,11 @@ assets: setup
 run: assets
 	$(PY) -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu --mode train
 
-# pytest exits 5 when it collected nothing: that must fail, not pass silently.
+# pytest exits 5 when it collected nothing: that must fail, not pass silently. The 15 slowest
+# tests are listed at the end, to keep the suite near its ~20-minute budget.
 test: $(TEST_STAMP)
 	$(PY) -m prime_jax.data.assets fetch $(TEST_ASSET_GROUPS)
-	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 clean-venv:
