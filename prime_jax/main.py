@@ -17,7 +17,8 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'fid', 'b
 _BENCH_STEPS = flags.DEFINE_integer('bench_steps', 5, 'Timed steps for --mode bench.')
 # --mode eval / sample
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
-_RAW = flags.DEFINE_bool('raw_weights', False, 'Use the raw parameters instead of the EMA.')
+_RAW = flags.DEFINE_bool('raw_weights', False, 'Use the raw parameters instead of the EMA (as '
+                         '--config.eval.use_ema=False does).')
 _SETS = flags.DEFINE_list('eval_sets', [], 'Extra sets for --mode eval, e.g. moby_dick,wikitext2 '
                           '(SOURCE or SOURCE:SPLIT); local sets are read from --data_dir.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Folder of local zero-shot sets / TFDS data.')
@@ -57,6 +58,7 @@ def main(argv):
     return
   if _WORKDIR.value is None:
     raise app.UsageError('--workdir is required for --mode ' + _MODE.value)
+  use_ema = bool(cfg.eval.get('use_ema', True)) and not _RAW.value
   if _MODE.value == 'train':
     from prime_jax import train
     summary = train.train_and_evaluate(cfg, _WORKDIR.value)
@@ -66,21 +68,21 @@ def main(argv):
     from prime_jax import evaluate
     evaluate.run_eval(cfg, _WORKDIR.value, step=_STEP.value, sets=_SETS.value,
                       num_t=_NUM_T.value, num_batches=_NUM_BATCHES.value,
-                      data_dir=_DATA_DIR.value, use_ema=not _RAW.value,
+                      data_dir=_DATA_DIR.value, use_ema=use_ema,
                       t_grid=[float(t) for t in _T_GRID.value])
   elif _MODE.value == 'fid':
     from prime_jax import evaluate_images
     evaluate_images.run_fid(cfg, _WORKDIR.value, step=_STEP.value, num_samples=_NUM_SAMPLES.value,
                             batch_size=_SAMPLE_BATCH.value, num_steps=_STEPS.value,
                             ref_images=_FID_REF.value, seed=_SEED.value, inpaint=_INPAINT.value,
-                            use_ema=not _RAW.value)
+                            use_ema=use_ema)
   elif _MODE.value == 'sample':
     from prime_jax import evaluate
     evaluate.run_sample(cfg, _WORKDIR.value, step=_STEP.value, num_samples=_NUM_SAMPLES.value,
                         batch_size=_SAMPLE_BATCH.value, steps=_STEPS.value,
                         nucleus_p=_NUCLEUS.value, precision=_PRECISION.value, cache=_CACHE.value,
                         prefix_len=_PREFIX.value, seed=_SEED.value, scorer=_SCORER.value,
-                        scorer_path=_SCORER_PATH.value, use_ema=not _RAW.value)
+                        scorer_path=_SCORER_PATH.value, use_ema=use_ema)
 
 
 if __name__ == '__main__':

@@ -348,9 +348,10 @@ def test_attention_is_bidirectional():
   assert not np.allclose(base[:, -1], earlier[:, -1])  # and an earlier one the last
 
 
-def test_rotary_depends_on_relative_position_only():
+@pytest.mark.parametrize('base', [10000.0, 30.0])
+def test_rotary_depends_on_relative_position_only(base):
   head_dim, n = 16, 10
-  cos, sin = dit.rotary_cos_sin(n, head_dim)
+  cos, sin = dit.rotary_cos_sin(n, head_dim, base)
   q, k = jax.random.normal(jax.random.key(0), (2, head_dim))
   q_rot = dit.apply_rotary(jnp.broadcast_to(q, (1, n, 1, head_dim)), cos, sin)[0, :, 0]
   k_rot = dit.apply_rotary(jnp.broadcast_to(k, (1, n, 1, head_dim)), cos, sin)[0, :, 0]
@@ -359,11 +360,28 @@ def test_rotary_depends_on_relative_position_only():
     diag = np.diagonal(scores, offset)
     np.testing.assert_allclose(diag, diag[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(q_rot, axis=-1), np.linalg.norm(q), rtol=1e-5)
-  # Rotate-half layout: the pair (i, i + H/2) rotates by p * 10000**(-2i/H); i = 0 rotates by p.
-  e0 = jnp.zeros((1, n, 1, head_dim)).at[..., 0].set(1.0)
-  rot = np.asarray(dit.apply_rotary(e0, cos, sin))[0, :, 0]
-  np.testing.assert_allclose(rot[:, 0], np.cos(np.arange(n)), atol=1e-6)
-  np.testing.assert_allclose(rot[:, head_dim // 2], np.sin(np.arange(n)), atol=1e-6)
+  # Rotate-half layout: the pair (i, i + H/2) rotates by p * base**(-2i/H); i = 0 rotates by p.
+  for i in (0, 1, head_dim // 2 - 1):
+    e_i = jnp.zeros((1, n, 1, head_dim)).at[..., i].set(1.0)
+    rot = np.asarray(dit.apply_rotary(e_i, cos, sin))[0, :, 0]
+    angle = np.arange(n) * base**(-2 * i / head_dim)
+    np.testing.assert_allclose(rot[:, i], np.cos(angle), atol=1e-6)
+    np.testing.assert_allclose(rot[:, i + head_dim // 2], np.sin(angle), atol=1e-6)
+
+
+def test_rope_base_reaches_the_attention():
+  """model.rope_base sets the DiT's rotary frequencies: same parameters, other logits; the
+  reference's 10000 is the default and a base <= 1 is refused."""
+  ref, low, explicit = _tiny(), _tiny(rope_base=30.0), _tiny(rope_base=10000.0)
+  _perturb(ref)  # zero-initialised blocks would ignore the attention altogether
+  _copy_weights(ref, low)
+  _copy_weights(ref, explicit)
+  y = _tokens()
+  a, b, c = (np.asarray(nnx.jit(lambda m: m(y))(m)) for m in (ref, low, explicit))
+  assert np.abs(a - b).max() > 1e-3
+  np.testing.assert_array_equal(a, c)
+  with pytest.raises(ValueError, match='rope_base'):
+    _tiny(rope_base=1.0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -273,7 +273,8 @@ class DiT(nnx.Module):
                time_conditioning: bool = False, mask_logit_in_head: Optional[bool] = None,
                scan_layers: bool = False, remat: bool = False, dtype=jnp.float32,
                head_init_scale: float = 0.0, adaln_init_scale: float = 0.0,
-               head_tail_start: int = 0, head_tail_rank: int = 0, rngs: nnx.Rngs):
+               head_tail_start: int = 0, head_tail_rank: int = 0, rope_base: float = 10000.0,
+               rngs: nnx.Rngs):
     if base**ell < vocab_size:
       raise ValueError(f'base**ell = {base}**{ell} = {base**ell} < vocab_size = {vocab_size}: the '
                        f'digits cannot represent every token.')
@@ -282,6 +283,8 @@ class DiT(nnx.Module):
                        f'(rotary pairs features), got head width {dim / num_heads}.')
     if num_layers < 1:
       raise ValueError(f'num_layers must be >= 1, got {num_layers}.')
+    if rope_base <= 1:
+      raise ValueError(f'rope_base must be > 1 (10000 = the reference), got {rope_base}.')
     if head_init_scale < 0 or adaln_init_scale < 0:
       raise ValueError(f'head_init_scale and adaln_init_scale must be >= 0 (0 = zero init, the '
                        f'reference), got {head_init_scale} and {adaln_init_scale}.')
@@ -291,6 +294,7 @@ class DiT(nnx.Module):
     self.time_conditioning = time_conditioning
     self.mask_logit_in_head = (ell == 1) if mask_logit_in_head is None else mask_logit_in_head
     self.scan_layers, self.remat, self.dtype = scan_layers, remat, dtype
+    self.rope_base = rope_base
 
     self.embed = SubtokenEmbed(base + 1, ell, dim, rngs=rngs)
     self.time_embed = TimestepEmbedder(cond_dim, rngs=rngs)
@@ -342,7 +346,7 @@ class DiT(nnx.Module):
 
     x_BxLxD = self.embed(y_BxLxK).astype(jnp.float32)
     c_BxE = jax.nn.silu(self.time_embed(sigma_B))
-    cos_LxH, sin_LxH = rotary_cos_sin(l, self.dim // self.num_heads)
+    cos_LxH, sin_LxH = rotary_cos_sin(l, self.dim // self.num_heads, self.rope_base)
 
     def block_fn(block: DiTBlock, x: jax.Array, key: Optional[jax.Array]) -> jax.Array:
       return block(x, c_BxE, cos_LxH, sin_LxH, key, deterministic)
