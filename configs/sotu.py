@@ -1,4 +1,4 @@
-"""The embedded default: MDM-Prime on the State of the Union corpus, on a 2-core CPU in ~12 minutes.
+"""The embedded default: MDM-Prime on the State of the Union corpus, on a 2-core CPU in ~10 minutes.
 
 Departures from the reference initialisation, for a run of a few hundred steps (each is a config
 field; the reference values are the base config's): the head bias starts at the training unigram,
