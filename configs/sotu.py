@@ -9,8 +9,8 @@ full-scale random kernel (U(±1/sqrt(D))) costs every token ~0.2 nats of logit n
 Adam's b2 is 0.9 (base: 0.999) for the trunk and 0.999 for the output head, whose columns of rare
 tokens get sparse gradients; lr 1e-3 (README, "What holds a 600-step run back"). The rotary base
 is 10 (base: 10000): the model leaves its start at the unigram when the first block learns to
-attend to the neighbours of a masked token, and with L = 64 a base of 10000 leaves half of each head's
-rotary pairs turning by < 0.03 rad per position, nearly constant across the window.
+attend to the neighbours of a masked token, and with L = 64 a base of 10000 leaves half of each
+head's rotary pairs turning by < 0.03 rad per position, nearly constant across the window.
 
   python -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu
   python -m prime_jax.main --config configs/sotu.py:ell=1 --workdir workdir/sotu_l1   # MDLM
