@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.head_tail_start = 0  # > 0: classes from this id on get a low-rank head (FinalLayer)
   c.model.head_tail_rank = 0  # the tail's rank R (0 with head_tail_start = 0: the full head)
   c.model.rope_base = 10000.0  # rotary frequencies base**(-2i/H), i < H/2; 10000 = the reference
+  # > 0: add -m_n |i - j| to head n's attention logits, m_n = slope * 2**(-8n/N) (ALiBi's slopes
+  # for slope = 2**(-8/N), made symmetric); 0 = none, the reference
+  c.model.distance_bias_slope = 0.0
   c.model.head_bias_init = ''  # 'unigram': start the head at log p(token) of the training data
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32 ('bfloat16' on TPU/GPU)
   # model.name = 'unet': the discrete UNet (SPEC 8.2); the defaults are the paper's CIFAR-10 model.

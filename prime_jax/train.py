@@ -135,7 +135,8 @@ def build_model(cfg: ml_collections.ConfigDict, codec: subtokens.Codec,
                  adaln_init_scale=m.get('adaln_init_scale', 0.0),
                  head_tail_start=m.get('head_tail_start', 0),
                  head_tail_rank=m.get('head_tail_rank', 0),
-                 rope_base=m.get('rope_base', 10000.0), rngs=rngs)
+                 rope_base=m.get('rope_base', 10000.0),
+                 distance_bias_slope=m.get('distance_bias_slope', 0.0), rngs=rngs)
 
 
 def make_optimizer(o: ml_collections.ConfigDict, num_steps: int):

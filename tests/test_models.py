@@ -384,6 +384,38 @@ def test_rope_base_reaches_the_attention():
     _tiny(rope_base=1.0)
 
 
+def test_distance_bias_is_symmetric_alibi():
+  """Head n adds -slope * 2**(-8n/N) * |i - j| to its logits: ALiBi's slopes at slope = 2**(-8/N)."""
+  bias = np.asarray(dit.distance_bias(6, 4, 0.25))
+  assert bias.shape == (1, 4, 6, 6)
+  dist = np.abs(np.arange(6)[:, None] - np.arange(6)[None, :])
+  for n, m in enumerate([0.25, 0.0625, 0.015625, 0.00390625]):  # ALiBi's four-head slopes
+    np.testing.assert_allclose(bias[0, n], -m * dist, rtol=1e-6)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_distance_bias_reaches_the_attention(scan):
+  """model.distance_bias_slope biases every block's attention (scanned or not): same parameters,
+  other logits, and with a very steep bias each position sees only itself (a token changed
+  elsewhere leaves it alone); 0 is the default and a negative slope is refused."""
+  ref = _tiny()
+  _perturb(ref)  # zero-initialised blocks would ignore the attention altogether
+  biased, steep = _tiny(distance_bias_slope=0.5, scan_layers=scan), _tiny(
+      distance_bias_slope=1e4, scan_layers=scan)
+  _copy_weights(ref, biased)
+  _copy_weights(ref, steep)
+  y = _tokens()
+  y2 = y.at[:, -1, 0].set((y[:, -1, 0] + 1) % 19)
+  a, b = np.asarray(_run(ref, y)), np.asarray(_run(biased, y))
+  assert np.abs(a - b).max() > 1e-3
+  s1, s2 = np.asarray(_run(steep, y)), np.asarray(_run(steep, y2))
+  np.testing.assert_allclose(s1[:, :-1], s2[:, :-1], rtol=1e-5, atol=1e-5)
+  assert np.abs(s1[:, -1] - s2[:, -1]).max() > 1e-3
+  assert not np.allclose(a[:, 0], np.asarray(_run(ref, y2))[:, 0])  # unbiased: it does reach
+  with pytest.raises(ValueError, match='distance_bias_slope'):
+    _tiny(distance_bias_slope=-1.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sharding metadata
 # ------------------------------------------------------------------------------------------------

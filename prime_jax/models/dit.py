@@ -94,6 +94,17 @@ def apply_rotary(x_BxLxNxH: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array) -
   return (x * cos + rotated * sin).astype(x_BxLxNxH.dtype)
 
 
+def distance_bias(seq_len: int, num_heads: int, slope: float) -> jax.Array:
+  """(1, N, L, L) attention-logit bias -m_n |i - j|: ALiBi's penalty made symmetric for
+  bidirectional attention. Head n's slope is m_n = slope * r**n with ALiBi's ratio r = 2**(-8/N),
+  so slope = r is ALiBi's own set."""
+  ratio = 2.0**(-8.0 / num_heads)
+  slopes_N = slope * ratio**jnp.arange(num_heads, dtype=jnp.float32)
+  pos_L = jnp.arange(seq_len, dtype=jnp.float32)
+  dist_LxL = jnp.abs(pos_L[:, None] - pos_L[None, :])
+  return -(slopes_N[:, None, None] * dist_LxL)[None]
+
+
 def timestep_features(sigma_B: jax.Array, dim: int = TIME_FEATURES,
                       max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal features (B, F): cos half then sin half."""
@@ -142,26 +153,29 @@ class DiTBlock(nnx.Module):
     self.mlp_out = Dense(mlp_ratio * dim, dim, names=('mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)  # stateless: the key comes with each call
 
-  def _attention(self, h_BxLxD: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array) -> jax.Array:
+  def _attention(self, h_BxLxD: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array,
+                 bias_1xNxLxL: Optional[jax.Array]) -> jax.Array:
     b, l, d = h_BxLxD.shape
     qkv_BxLx3xD = self.qkv(h_BxLxD)
     qkv_BxLx3xNxH = qkv_BxLx3xD.reshape(b, l, 3, self.num_heads, d // self.num_heads)
     q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
     q, k = apply_rotary(q, cos_LxH, sin_LxH), apply_rotary(k, cos_LxH, sin_LxH)
     # Bidirectional; implementation=None lets XLA choose (cuDNN flash attention on GPU if eligible).
-    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, implementation=None)
+    bias = None if bias_1xNxLxL is None else bias_1xNxLxL.astype(q.dtype)
+    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=None)
     return self.attn_out(o_BxLxNxH.reshape(b, l, d))
 
   def __call__(self, x_BxLxD: jax.Array, c_BxE: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array,
-               key: Optional[jax.Array], deterministic: bool) -> jax.Array:
+               key: Optional[jax.Array], deterministic: bool,
+               bias_1xNxLxL: Optional[jax.Array] = None) -> jax.Array:
     mod_Bx1x6D = self.adaln(c_BxE)[:, None, :]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod_Bx1x6D, 6, -1)
     key_attn, key_mlp = (None, None) if deterministic else jax.random.split(key)
     dtype = self.qkv.dtype
 
     h = _modulate(self.norm1(x_BxLxD), shift_msa, scale_msa).astype(dtype)
-    attn = self.dropout(self._attention(h, cos_LxH, sin_LxH), deterministic=deterministic,
-                        rngs=key_attn)
+    attn = self._attention(h, cos_LxH, sin_LxH, bias_1xNxLxL)
+    attn = self.dropout(attn, deterministic=deterministic, rngs=key_attn)
     x_BxLxD = x_BxLxD + (gate_msa * attn).astype(x_BxLxD.dtype)
 
     h = _modulate(self.norm2(x_BxLxD), shift_mlp, scale_mlp).astype(dtype)
@@ -274,7 +288,7 @@ class DiT(nnx.Module):
                scan_layers: bool = False, remat: bool = False, dtype=jnp.float32,
                head_init_scale: float = 0.0, adaln_init_scale: float = 0.0,
                head_tail_start: int = 0, head_tail_rank: int = 0, rope_base: float = 10000.0,
-               rngs: nnx.Rngs):
+               distance_bias_slope: float = 0.0, rngs: nnx.Rngs):
     if base**ell < vocab_size:
       raise ValueError(f'base**ell = {base}**{ell} = {base**ell} < vocab_size = {vocab_size}: the '
                        f'digits cannot represent every token.')
@@ -285,6 +299,9 @@ class DiT(nnx.Module):
       raise ValueError(f'num_layers must be >= 1, got {num_layers}.')
     if rope_base <= 1:
       raise ValueError(f'rope_base must be > 1 (10000 = the reference), got {rope_base}.')
+    if distance_bias_slope < 0:
+      raise ValueError(f'distance_bias_slope must be >= 0 (0 = no bias, the reference), got '
+                       f'{distance_bias_slope}.')
     if head_init_scale < 0 or adaln_init_scale < 0:
       raise ValueError(f'head_init_scale and adaln_init_scale must be >= 0 (0 = zero init, the '
                        f'reference), got {head_init_scale} and {adaln_init_scale}.')
@@ -294,7 +311,7 @@ class DiT(nnx.Module):
     self.time_conditioning = time_conditioning
     self.mask_logit_in_head = (ell == 1) if mask_logit_in_head is None else mask_logit_in_head
     self.scan_layers, self.remat, self.dtype = scan_layers, remat, dtype
-    self.rope_base = rope_base
+    self.rope_base, self.distance_bias_slope = rope_base, distance_bias_slope
 
     self.embed = SubtokenEmbed(base + 1, ell, dim, rngs=rngs)
     self.time_embed = TimestepEmbedder(cond_dim, rngs=rngs)
@@ -347,9 +364,11 @@ class DiT(nnx.Module):
     x_BxLxD = self.embed(y_BxLxK).astype(jnp.float32)
     c_BxE = jax.nn.silu(self.time_embed(sigma_B))
     cos_LxH, sin_LxH = rotary_cos_sin(l, self.dim // self.num_heads, self.rope_base)
+    bias_1xNxLxL = (distance_bias(l, self.num_heads, self.distance_bias_slope)
+                    if self.distance_bias_slope > 0 else None)
 
     def block_fn(block: DiTBlock, x: jax.Array, key: Optional[jax.Array]) -> jax.Array:
-      return block(x, c_BxE, cos_LxH, sin_LxH, key, deterministic)
+      return block(x, c_BxE, cos_LxH, sin_LxH, key, deterministic, bias_1xNxLxL)
 
     if self.remat:
       # Inside scan the loop boundary already stops CSE across layers, so prevent_cse can be off.
