@@ -397,7 +397,7 @@ def test_distance_bias_is_symmetric_alibi():
 def test_distance_bias_reaches_the_attention(scan):
   """model.distance_bias_slope biases every block's attention (scanned or not): same parameters,
   other logits, and with a very steep bias each position sees only itself (a token changed
-  elsewhere leaves it alone); 0 is the default and a negative slope is refused."""
+  elsewhere leaves it alone); a negative slope is refused."""
   ref = _tiny()
   _perturb(ref)  # zero-initialised blocks would ignore the attention altogether
   biased, steep = _tiny(distance_bias_slope=0.5, scan_layers=scan), _tiny(
