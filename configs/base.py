@@ -1,10 +1,34 @@
 """Base config: every dataset config starts from this one and changes only what differs.
 
-Nested by concern: model, diffusion, data, optim, train, eval, mesh. `get_config()` returns an
-unlocked ConfigDict; dataset configs lock theirs before returning it.
+Nested by concern: model, diffusion, data, optim, train, eval, sample, mesh. Every field is declared
+here, once; `prime_jax.build` is the only reader. `get_config()` returns an unlocked ConfigDict;
+dataset configs lock theirs before returning it, and read their argument with `parse_arg`.
 """
 
 import ml_collections
+
+
+def parse_arg(arg: str, **defaults):
+  """The config argument 'key=value,key=value' (as in `--config configs/sotu.py:ell=1`) as a dict
+  over `defaults`, each value converted to its default's type. Unknown keys are refused."""
+  out = dict(defaults)
+  for part in filter(None, (arg or '').split(',')):
+    key, sep, value = part.partition('=')
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ValueError(f'Config argument {part!r}: expected key=value with a key among '
+                       f'{sorted(defaults)} (e.g. configs/x.py:ell=2).')
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ('1', '0', 'true', 'false'):
+        raise ValueError(f'Config argument {key}={value!r}: expected true or false.')
+      out[key] = value.lower() in ('1', 'true')
+    else:
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ValueError(f'Config argument {key}={value!r}: expected a {kind.__name__}.') from None
+  return out
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -22,15 +46,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.time_conditioning = False  # the reference forces sigma = 0 (SPEC 2.1)
   c.model.scan_layers = False
   c.model.remat = False
-  c.model.head_init_scale = 0.0  # head kernel ~ U(±s/sqrt(D)); 0 = zeros, as the reference
-  c.model.adaln_init_scale = 0.0  # adaLN modulation ~ U(±s/sqrt(E)); 0 = zeros (identity blocks)
-  c.model.head_tail_start = 0  # > 0: classes from this id on get a low-rank head (FinalLayer)
-  c.model.head_tail_rank = 0  # the tail's rank R (0 with head_tail_start = 0: the full head)
   c.model.rope_base = 10000.0  # rotary frequencies base**(-2i/H), i < H/2; 10000 = the reference
   # > 0: add -m_n |i - j| to head n's attention logits, m_n = slope * 2**(-8n/N) (ALiBi's slopes
   # for slope = 2**(-8/N), made symmetric); 0 = none, the reference
   c.model.distance_bias_slope = 0.0
-  c.model.head_bias_init = ''  # 'unigram': start the head at log p(token) of the training data
+  # Initialisation (DiT); the defaults are the reference's.
+  c.model.init = ml_collections.ConfigDict()
+  c.model.init.head_scale = 0.0  # head kernel ~ U(±s/sqrt(D)); 0 = zeros, as the reference
+  c.model.init.adaln_scale = 0.0  # adaLN modulation ~ U(±s/sqrt(E)); 0 = zeros (identity blocks)
+  c.model.init.head_bias = ''  # 'unigram': start the head at log p(token) of the training data
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32 ('bfloat16' on TPU/GPU)
   # model.name = 'unet': the discrete UNet (SPEC 8.2); the defaults are the paper's CIFAR-10 model.
   # dropout, time_conditioning, remat and dtype above apply to it too.
@@ -53,9 +77,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.antithetic = True
   c.diffusion.carry_over = True
   c.diffusion.objective = 'nelbo'  # nelbo (valid bound) | paper (the authors' token-joint loss)
-  # Text: train on the self-normalised (ratio) estimate of the objective, per sequence
-  # w(t) q(t) x the mean over its tokens with a masked sub-token (objectives.self_normalized_mean).
-  c.diffusion.self_normalize = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'sotu'  # sotu | owt | lm1b
@@ -70,8 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.head_b2 = 0.0  # Adam b2 of the output head only (train.optimizer_groups); 0: optim.b2
-  c.optim.adaln_lr_scale = 1.0  # lr multiplier of the adaLN modulation layers (same groups)
+  c.optim.head_b2 = 0.0  # Adam b2 of the model's output head (prime_jax.optim); 0: optim.b2
   c.optim.weight_decay = 0.0
   c.optim.warmup_steps = 2500
   c.optim.schedule = 'constant'  # constant | cosine (after warm-up)
@@ -85,11 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 10_000
   c.train.ckpt_every = 5_000
   c.train.keep_ckpts = 3
-  c.train.compact_head = True  # text: the head skips fully visible tokens (exact; unsharded batch)
-  # ... and scores tokens with one masked sub-token over their b candidate classes only (exact;
-  # faster at sotu's D = 128, l = 2, not measurably at owt small's D = 768, l = 4: off here)
-  c.train.single_digit_head = False
   c.train.peak_flops = 0.0  # per device, for MFU; 0 = guess from the device kind
+  c.train.bench_steps = 5  # --mode bench: timed steps
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = 'validation'
@@ -98,9 +115,32 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.use_ema = True
   c.eval.seed = 0
   c.eval.num_t = 1  # stratified diffusion times per sequence (fixed seed: deterministic)
+  # --mode eval (text): also these sets, 'SOURCE' or 'SOURCE:SPLIT', comma-separated, e.g.
+  # 'moby_dick,wikitext2'; local sets are read from eval.sets_dir ('' = data.data_dir)
+  c.eval.sets = ''
+  c.eval.sets_dir = ''
+  # --mode eval (text): also the NELBO integrand at these times, e.g. '0.02,0.1,0.5,0.9', beside
+  # the training unigram's
+  c.eval.t_grid = ''
 
-  # The image sampler (SPEC 5.3): the reference's flags, in its flow-matching time u = 1 - t.
-  # The defaults are the plain sampler; the image configs carry the paper's tuned rows (SPEC 11.3).
+  # --mode sample (text) and --mode fid (images): how many samples, with what sampler.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_samples = 16
+  c.sample.batch_size = 8  # samples drawn together
+  c.sample.seed = 0
+  c.sample.steps = 0  # text reverse steps T; 0 = data.seq_len (images: sampler.num_steps)
+  c.sample.nucleus_p = 1.0  # text: top-p mass kept (1 = off)
+  c.sample.precision = 'fp64'  # token draws: fp64 inverse CDF | fp32 race | fp32_hires (64-bit race)
+  c.sample.cache = True  # text: skip the network in idle steps
+  c.sample.prefix_len = 0  # text: keep the first N positions of validation sequences
+  c.sample.scorer = ''  # text: generative perplexity under 'smollm2' (offline) or 'gpt2'; '' = none
+  c.sample.scorer_path = ''  # local weights folder for scorer 'gpt2'
+  c.sample.fid_ref_images = 0  # images: training images for the FID statistics (0 = all; cached)
+  c.sample.inpaint = False  # images: keep the left half of validation images, generate the right
+
+  # The image sampler (SPEC 5.3): the reference's flags, in its flow-matching time u = 1 - t; it
+  # samples the 'poly' schedule. The defaults are the plain sampler; the image configs carry the
+  # paper's tuned rows (SPEC 11.3).
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 512  # NFE grid size
   c.sampler.temperature = (1.0, 0.0, 0.0)  # [a, b', c]: logits / (a u**b' + c)

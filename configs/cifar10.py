@@ -40,13 +40,13 @@ def paper_image_config(arg: str, *, source: str, epochs: dict, train_images: int
                        sampler_512: dict):
   """The reference image recipe on `source`, unlocked (imagenet32.py reuses it)."""
   c = base.get_config()
-  kv = dict(p.split('=') for p in arg.split(',') if p)
-  ell = int(kv.get('ell', 2))
+  kv = base.parse_arg(arg, ell=2, objective='paper')
+  ell = kv['ell']
   if ell not in epochs:
     raise ValueError(f'ell={ell} has no paper run on {source}; choose one of {sorted(epochs)}.')
   c.diffusion.vocab_size = 256
   c.diffusion.ell = ell
-  c.diffusion.objective = kv.get('objective', 'paper')  # unweighted CE over all tokens (SPEC 4.1)
+  c.diffusion.objective = kv['objective']  # unweighted CE over all tokens (SPEC 4.1)
   c.diffusion.schedule = 'poly'  # alpha = (1 - t)**3 is the reference's t'**3 (SPEC 2.2)
   c.diffusion.schedule_n = 3.0
   c.diffusion.antithetic = False  # the reference draws t ~ U(0, 1) independently per image

@@ -9,8 +9,9 @@ from configs import base
 
 def get_config(arg: str = ''):
   c = base.get_config()
-  kv = dict(p.split('=') for p in arg.split(',') if p)
-  c.diffusion.ell = int(kv.get('ell', 2))
+  kv = base.parse_arg(arg, ell=2, objective='nelbo')
+  c.diffusion.ell = kv['ell']
+  c.diffusion.objective = kv['objective']
   c.model.dtype = 'bfloat16'
   c.data.source = 'lm1b'
   c.data.seq_len = 128

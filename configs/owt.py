@@ -12,10 +12,10 @@ from configs import base
 
 def get_config(arg: str = ''):
   c = base.get_config()
-  kv = dict(p.split('=') for p in arg.split(',') if p)
-  c.diffusion.ell = int(kv.get('ell', 4))
-  c.diffusion.objective = kv.get('objective', 'paper')
-  c.diffusion.carry_over = kv.get('carry_over', 'true').lower() in ('1', 'true')
+  kv = base.parse_arg(arg, ell=4, objective='paper', carry_over=True)
+  c.diffusion.ell = kv['ell']
+  c.diffusion.objective = kv['objective']
+  c.diffusion.carry_over = kv['carry_over']
   c.model.dtype = 'bfloat16'
   c.data.source = 'owt'
   c.data.seq_len = 1024

@@ -9,7 +9,9 @@ import time
 import jax
 import numpy as np
 
+from prime_jax import build
 from prime_jax import train as train_lib
+from prime_jax.metrics import throughput
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -19,11 +21,12 @@ def peak_memory_bytes() -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host max RSS'
 
 
-def run(cfg, *, steps: int = 5) -> dict[str, float]:
-  tr = train_lib.Trainer(cfg, workdir='')
-  state = train_lib.init_state(cfg, tr.codec, tr.tx, tr.mesh, tr.shardings)
+def run(exp: build.Experiment) -> dict[str, float]:
+  steps = exp.loop.bench_steps
+  tr = train_lib.Trainer(exp)
+  state = train_lib.init_state(exp.make_model, exp.loop.seed, tr.tx, tr.shardings)
   rng = np.random.default_rng(0)
-  B, S = cfg.data.batch_size, tr.token_shape  # S = (L,) text, (H, W, channels) images
+  B, S = exp.data.batch_size, tr.token_shape  # S = (L,) text, (H, W, channels) images
   L = math.prod(S)  # tokens per example
   local = {'tokens': rng.integers(0, tr.codec.vocab_size, size=(B // jax.process_count(), *S))}
   batch = tr.global_batch(local)
@@ -37,7 +40,7 @@ def run(cfg, *, steps: int = 5) -> dict[str, float]:
   jax.block_until_ready(m['loss'])
   step_s = (time.time() - t0) / steps
   tokens_s = B * L / step_s
-  peak = train_lib.peak_flops_per_device(cfg) * jax.device_count()
+  peak = throughput.peak_flops_per_device(exp.loop.peak_flops) * jax.device_count()
   mfu = tokens_s * tr.flops_per_token / peak
   mem, mem_kind = peak_memory_bytes()
   out = dict(params=tr.n_params, batch=B, seq_len=L, ell=tr.codec.ell, step_s=step_s,

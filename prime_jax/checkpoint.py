@@ -72,6 +72,51 @@ class Checkpointer:
     self.manager.close()
 
 
+def _check_shapes(meta: dict, want: dict, directory: str, step: int) -> None:
+  saved = meta.get('shapes', {})
+  diff = sorted(k for k in want if want[k] != saved.get(k))
+  if diff:
+    raise ValueError(
+        f'The checkpoint at {directory} (step {step}) does not match this config: {len(diff)} '
+        f'parameter shape(s) differ, e.g. {diff[:3]} (checkpoint {[saved.get(k) for k in diff[:3]]}'
+        f' vs config {[want.get(k) for k in diff[:3]]}). It was written with '
+        f'{meta.get("config_summary")}. Use the config it was trained with.')
+
+
+def restore_params(workdir: str, abstract_params, *, step: Optional[int] = None,
+                   which: str = 'ema'):
+  """(params, step): the EMA ('ema') or raw ('params') weights of a training checkpoint, restored
+  alone onto the shardings of `abstract_params`; the optimizer state is never read."""
+  if which not in ('ema', 'params'):
+    raise ValueError(f"which must be 'ema' or 'params', got {which!r}.")
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'meta'),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    available = manager.all_steps()
+    if not available:
+      raise FileNotFoundError(
+          f'No checkpoint in {directory}: train first (python -m prime_jax.main --config ... '
+          f'--workdir {workdir}) or pass the --workdir that holds one.')
+    if step is None:
+      step = max(available)
+    elif step not in available:
+      raise ValueError(f'No checkpoint for step {step} in {directory}; available steps: '
+                       f'{sorted(available)}.')
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    # The saved fingerprint is of the TrainState, whose fields are attributes: '.ema[...]'.
+    want = {f'.{which}{k}': v for k, v in _shape_fingerprint(abstract_params).items()}
+    _check_shapes(meta, want, directory, step)
+    target = {which: abstract_params}
+    args = ocp.args.PyTreeRestore(item=target,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=args))['state']
+  finally:
+    manager.close()
+  return restored[which], int(step)
+
+
 def write_json(path: str, obj: Any) -> None:
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)

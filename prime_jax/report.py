@@ -1,110 +1,83 @@
-"""The short summary printed at the end of `make run`."""
+"""Everything printed: result lines, progress bars and the summary at the end of a training run.
+Process 0 prints; the numbers come from the evaluator and `metrics/`."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import warnings
+from typing import Any, Optional
 
 import jax
-import numpy as np
 
 
-def unigram_baseline_nll(source: str, seq_len: int) -> float:
-  """Validation cross-entropy (nats/token) of the add-one-smoothed training unigram model."""
-  from prime_jax.data import pipeline
-  log_p = pipeline.unigram_log_probs(source, seq_len)
-  val = np.asarray(pipeline.unigram_counts(source, 'validation', seq_len), np.float64)
-  return float(-(val * log_p).sum() / val.sum())
+def emit(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
-def unigram_integrand_coefficients(log_p_C: np.ndarray, counts_C: np.ndarray,
-                                   codec) -> np.ndarray:
-  """(ell + 1,) A_k: the unigram integrand is w(t) sum_k m^k (1 - m)^(ell - k) A_k (see below).
-
-  A_k = sum over visible sets V with k masked digits M of the token mean (weights counts_C) of
-  sum_{j in M} [log S_V(x) - log S_{V + j}(x)], S_V(x) = p(tokens whose digits in V equal x's).
-  Enumerates the 2^ell visible sets once, O(2^ell C).
-  """
-  p = np.exp(np.asarray(log_p_C, np.float64))
-  p = p / p.sum()
-  counts = np.asarray(counts_C, np.float64)
-  digits = np.asarray(codec.digits, np.int64)  # (C, K)
-  C, K = digits.shape
-  if p.shape != (C,) or counts.shape != (C,):
-    raise ValueError(f'log_p_C {p.shape} and counts_C {counts.shape} must both be ({C},).')
-  if counts.sum() <= 0:
-    raise ValueError('counts_C is empty: the unigram integrand needs the evaluated tokens.')
-  log_S = {}
-  for v in range(2**K):
-    cols = [j for j in range(K) if v >> j & 1]
-    if not cols:
-      log_S[v] = np.zeros(C)
-      continue
-    key = np.zeros(C, np.int64)
-    for j in cols:
-      key = key * codec.base + digits[:, j]
-    _, inv = np.unique(key, return_inverse=True)
-    log_S[v] = np.log(np.bincount(inv, weights=p)[inv])
-  coef = np.zeros(K + 1)
-  for v in range(2**K):  # v: the visible set, M = the rest
-    masked = [j for j in range(K) if not v >> j & 1]
-    if masked:
-      per_token = sum(log_S[v] - log_S[v | 1 << j] for j in masked)
-      coef[len(masked)] += (counts * per_token).sum() / counts.sum()
-  return coef
+def progress(total: int, desc: str, unit: str):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, desc=desc, unit=unit, disable=jax.process_index() != 0,
+              mininterval=2.0)
 
 
-def _integrand_from(coef: np.ndarray, schedule, t: float) -> float:
-  K = coef.size - 1
-  m, w = float(schedule.mask_prob(t)), float(schedule.weight(t))
-  return w * sum(m**k * (1.0 - m)**(K - k) * coef[k] for k in range(1, K + 1))
+def format_eval(r: dict) -> str:
+  """One line for an evaluation during training."""
+  if 'bpd' in r:
+    return (f"NLL {r['nll']:.4f} ± {r['nll_se']:.4f} nats/dim, BPD <= {r['bpd']:.4f} (valid "
+            f"bound); authors' objective {r['paper_objective']:.4f}, authors' BPD estimate "
+            f"{r['paper_bpd']:.4f} (not a bound for ell > 1)")
+  cv = (f"; control variate NLL {r['nll_cv']:.4f} ± {r['nll_cv_se']:.4f}, PPL <= "
+        f"{r['ppl_bound_cv']:.2f}") if 'nll_cv' in r else ''
+  return (f"NLL {r['nll']:.4f} ± {r['nll_se']:.4f} nats/token, PPL <= {r['ppl_bound']:.2f} "
+          f"(valid bound){cv}; authors' objective {r['paper_objective']:.4f}")
 
 
-def unigram_integrand(log_p_C: np.ndarray, counts_C: np.ndarray, codec, schedule,
-                      t: float) -> float:
-  """Exact NELBO integrand at time t (nats per token) of the unigram model p, over tokens counts_C.
-
-  With tokens independent, the unigram with carry-over is the exact posterior, so this is the
-  floor a model without context reaches at t: a trained model above it at small t uses no context.
-  Per token x, with V the visible digits (each masked independently with prob m = 1 - alpha(t)),
-    w(t) sum_M m^|M| (1 - m)^(ell - |M|) sum_{j in M} [log S_V(x) - log S_{V + j}(x)],
-  S_V(x) = p(tokens whose digits in V equal those of x). Integrated over t it is -log p(x): the
-  NELBO is tight for this model (tested). Enumerates the 2^ell visible sets, O(2^ell C).
-  """
-  from prime_jax.diffusion import schedules as schedules_lib  # pylint: disable=import-outside-toplevel
-  return _integrand_from(unigram_integrand_coefficients(log_p_C, counts_C, codec),
-                         schedules_lib.as_schedule(schedule), t)
-
-
-def unigram_expected_estimate(log_p_C: np.ndarray, counts_C: np.ndarray, codec, schedule,
-                              eps: float) -> float:
-  """The exact expectation (nats/token) of the evaluator's Monte Carlo bound for the unigram
-  model p on tokens counts_C: the mean of the integrand over t ~ U[eps, 1), by quadrature.
-
-  It is -log p(x) up to the part of the t-integral below eps. `evaluate.Evaluator` subtracts the
-  unigram's estimate on its own draws and adds this back (a control variate).
-  """
-  from scipy import integrate  # pylint: disable=import-outside-toplevel
-  from prime_jax.diffusion import schedules as schedules_lib  # pylint: disable=import-outside-toplevel
-  schedule = schedules_lib.as_schedule(schedule)
-  coef = unigram_integrand_coefficients(log_p_C, counts_C, codec)
-  f = lambda t: _integrand_from(coef, schedule, t)
-  # Split at a few points: w(t) ~ 1/t varies fastest near eps.
-  edges = [eps] + [x for x in (1e-2, 1e-1, 0.5) if eps < x < 1.0] + [1.0]
-  with warnings.catch_warnings():  # quad warns of roundoff at tolerances far below the SE
-    warnings.simplefilter('ignore', integrate.IntegrationWarning)
-    total = sum(integrate.quad(f, a, b, epsabs=1e-10, epsrel=1e-9, limit=200)[0]
-                for a, b in zip(edges[:-1], edges[1:]))
-  return total / (1.0 - eps)
+def format_result(r: dict) -> str:
+  """The --mode eval line(s) of one source/split."""
+  if 'bpd' in r:
+    return (f"{r['source']}/{r['split']}: NLL <= {r['nll']:.4f} ± {r['nll_se']:.4f} nats/dim, "
+            f"BPD <= {r['bpd']:.4f} ± {r['bpd_se']:.4f} (valid bound); authors' objective "
+            f"{r['paper_objective']:.4f}, authors' BPD estimate {r['paper_bpd']:.4f} (not a "
+            f"bound for ell > 1); {r['examples']:,} images, {r['num_t']} t/image")
+  line = (f"{r['source']}/{r['split']}: NLL <= {r['nll']:.4f} ± {r['nll_se']:.4f} nats/token "
+          f"({r['bpt']:.4f} bits), PPL <= {r['ppl_bound']:.2f} (valid bound); authors' objective "
+          f"{r['paper_objective']:.4f} (not a bound for ell > 1); {r['tokens']:,} tokens, "
+          f"{r['num_t']} t/sequence")
+  if 'nll_cv' in r:
+    line += '\n  ' + format_control_variate(r)
+  return line
 
 
-def print_summary(cfg, workdir: str, summary: dict) -> None:
+def format_control_variate(r: dict) -> str:
+  return (f"control variate (training unigram on the same draws): NLL <= {r['nll_cv']:.4f} ± "
+          f"{r['nll_cv_se']:.4f} nats/token, PPL <= {r['ppl_bound_cv']:.2f}; the unigram's "
+          f"estimate on these draws {r['reference_mc']:.4f}, its expectation "
+          f"{r['reference_nll']:.4f}")
+
+
+def format_sampling(s: dict) -> str:
+  line = (f"{s['num_samples']} samples x {s['seq_len']} tokens, T={s['steps']} {s['precision']}"
+          f" (cache {'on' if s['cache'] else 'off'}): NFE {s['nfe_per_batch']:.1f}/batch, idle "
+          f"{s['idle_steps_per_batch']:.1f}/batch ({100 * s['idle_fraction']:.1f}%), "
+          f"{s['samples_per_s']:.3f} samples/s, wall {s['wall_s']:.1f} s")
+  g = s.get('generative')
+  if g:
+    line += (f"\ngenerative PPL {g['gen_ppl']:.2f} under {g['scorer']} (relative metric); "
+             f"unigram entropy {g['entropy_bits']:.3f} bits")
+  return line
+
+
+def print_summary(workdir: str, summary: dict[str, Any], *, source: str, ell: int,
+                  unigram_nll: Optional[float] = None,
+                  unigram_error: Optional[str] = None) -> None:
+  """The end-of-run summary (and summary.json). unigram_nll: the training unigram's validation
+  cross-entropy (text), printed as the baseline a model with context must beat."""
   if jax.process_index() != 0:
     return
   lines = [f'== prime_jax run summary ({workdir}) ==',
-           f'data {cfg.data.source}, ell {cfg.diffusion.ell}, params {summary.get("params", 0):,}, '
+           f'data {source}, ell {ell}, params {summary.get("params", 0):,}, '
            f'steps {summary.get("steps")}, wall {summary.get("wall_s", 0):.0f} s']
   if 'bpd' in summary:  # images: per colour-channel token, no unigram baseline
     lines.append(f'validation NLL <= {summary["nll"]:.4f} nats/dim, BPD <= {summary["bpd"]:.4f} '
@@ -112,28 +85,25 @@ def print_summary(cfg, workdir: str, summary: dict) -> None:
     lines.append(f"authors' objective (unweighted CE, their training loss): "
                  f"{summary['paper_objective']:.4f}; their BPD estimate (not a bound for ell > 1): "
                  f"{summary['paper_bpd']:.4f}")
-    print('\n'.join(lines), flush=True)
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
-    return
-  if 'nll_cv' in summary:
-    lines.append(f'validation NLL <= {summary["nll_cv"]:.4f} ± {summary["nll_cv_se"]:.4f} '
-                 f'nats/token, PPL <= {summary["ppl_bound_cv"]:.2f} (valid bound, EMA weights; '
-                 'control-variate estimate ± standard error)')
-    lines.append(f'  plain Monte Carlo estimate: NLL <= {summary["nll"]:.4f} ± '
-                 f'{summary["nll_se"]:.4f}, PPL <= {summary["ppl_bound"]:.2f} (the unigram on the '
-                 f'same draws: {summary["reference_mc"]:.4f}, expected '
-                 f'{summary["reference_nll"]:.4f})')
-  elif 'nll' in summary:
-    lines.append(f'validation NLL <= {summary["nll"]:.4f} nats/token, PPL <= '
-                 f'{summary["ppl_bound"]:.2f} (valid bound, EMA weights)')
-    lines.append(f"authors' objective (not a bound for ell > 1): {summary['paper_objective']:.4f}")
-  try:
-    base = unigram_baseline_nll(cfg.data.source, cfg.data.seq_len)
-    summary['unigram_ppl'] = math.exp(base)
-    lines.append(f'unigram baseline PPL: {math.exp(base):.2f} (nats {base:.4f})')
-  except Exception as e:  # the baseline is informative, never fatal
-    lines.append(f'unigram baseline unavailable: {e}')
+  else:
+    if 'nll_cv' in summary:
+      lines.append(f'validation NLL <= {summary["nll_cv"]:.4f} ± {summary["nll_cv_se"]:.4f} '
+                   f'nats/token, PPL <= {summary["ppl_bound_cv"]:.2f} (valid bound, EMA weights; '
+                   'control-variate estimate ± standard error)')
+      lines.append(f'  plain Monte Carlo estimate: NLL <= {summary["nll"]:.4f} ± '
+                   f'{summary["nll_se"]:.4f}, PPL <= {summary["ppl_bound"]:.2f} (the unigram on '
+                   f'the same draws: {summary["reference_mc"]:.4f}, expected '
+                   f'{summary["reference_nll"]:.4f})')
+    elif 'nll' in summary:
+      lines.append(f'validation NLL <= {summary["nll"]:.4f} nats/token, PPL <= '
+                   f'{summary["ppl_bound"]:.2f} (valid bound, EMA weights)')
+      lines.append(f"authors' objective (not a bound for ell > 1): "
+                   f"{summary['paper_objective']:.4f}")
+    if unigram_nll is not None:
+      summary['unigram_ppl'] = math.exp(unigram_nll)
+      lines.append(f'unigram baseline PPL: {math.exp(unigram_nll):.2f} (nats {unigram_nll:.4f})')
+    else:
+      lines.append(f'unigram baseline unavailable: {unigram_error}')
   print('\n'.join(lines), flush=True)
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)

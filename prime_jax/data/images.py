@@ -205,7 +205,10 @@ class _ToTokens:
   def __init__(self, shape: tuple[int, int, int], with_mask: bool):
     self.shape, self.with_mask = tuple(shape), with_mask
 
-  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+  def __call__(self, record: Any) -> dict[str, np.ndarray]:
+    index = None
+    if self.with_mask:  # evaluation records arrive as (global index, record)
+      index, record = record
     image = np.asarray(record['image'])
     if image.shape != self.shape:
       raise ValueError(f'An image has shape {image.shape}, expected {self.shape} (H, W, channels).')
@@ -214,6 +217,7 @@ class _ToTokens:
     out = {'tokens': image.astype(np.int32), 'label': np.int32(record['label'])}
     if self.with_mask:
       out['mask'] = np.bool_(True)
+      out['index'] = np.int32(index)  # evaluation randomness is keyed on it, not on the layout
     return out
 
 
@@ -230,9 +234,9 @@ class _Padding:
   def __init__(self, shape: tuple[int, int, int]):
     self.shape = tuple(shape)
 
-  def __call__(self, _: Any) -> dict[str, np.ndarray]:
+  def __call__(self, k: Any) -> dict[str, np.ndarray]:
     return {'tokens': np.zeros(self.shape, np.int32), 'label': np.int32(-1),
-            'mask': np.bool_(False)}
+            'mask': np.bool_(False), 'index': np.int32(-1 - int(k))}
 
 
 def make_image_pipeline(source: str, split: str, *, batch_size: int, seed: int, train: bool,
@@ -254,8 +258,11 @@ def make_image_pipeline(source: str, split: str, *, batch_size: int, seed: int, 
   records = image_source(source, split, data_dir=data_dir)
   num_records = len(records)
 
-  ds = grain.MapDataset.source(records)[shard_index::shard_count]
   with_mask = pad_final_batch and not train
+  ds = grain.MapDataset.source(records)
+  if with_mask:
+    ds = ds.map_with_index(lambda i, record: (i, record))
+  ds = ds[shard_index::shard_count]
   if train:
     if len(ds) == 0:
       raise ValueError(f'Host shard {shard_index}/{shard_count} of {num_records} images is empty; '

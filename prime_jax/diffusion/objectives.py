@@ -76,31 +76,6 @@ def token_mean(loss: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   return jnp.sum(loss * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def self_normalized_mean(loss: jax.Array, y_t: jax.Array, t: jax.Array, *, schedule,
-                         mask_id: int) -> jax.Array:
-  """A lower-variance training estimate of `token_mean(loss)` for a w(t)-weighted per-token loss.
-
-  loss (B, *S) is w(t_b) times a per-token NLL that is zero on fully visible tokens; y_t (B, *S, K).
-  The plain mean weights sequence b by w(t_b) n_b / |S|, where n_b is its number of tokens with a
-  masked sub-token: at small t, w ~ 1/t is huge and n_b is 0, 1 or 2, so a lone token can carry the
-  whole batch. Here the realised n_b is replaced by its expectation |S| q_b, q = 1 - alpha^K:
-
-      sum_b q_b / max(n_b, 1) * sum_s loss_bs / B,
-
-  i.e. w(t_b) q_b times the mean NLL over b's active tokens; w q = -alpha' (1 + ... + alpha^(K-1))
-  is bounded. It is the ratio estimator of the same objective: exact when the per-token NLL is
-  constant, consistent, with a bias of O(1 / (|S| q)). Training only; likelihoods are never
-  reported through it.
-  """
-  schedule = schedules_lib.as_schedule(schedule)
-  ell = y_t.shape[-1]
-  active = jnp.any(y_t == mask_id, axis=-1)  # (B, *S)
-  token_axes = tuple(range(1, active.ndim))
-  n_B = jnp.sum(active, axis=token_axes).astype(loss.dtype)
-  q_B = 1.0 - schedule.alpha(jnp.asarray(t, loss.dtype))**ell
-  return jnp.mean(jnp.sum(loss, axis=token_axes) * q_B / jnp.maximum(n_B, 1.0))
-
-
 def nats_to_bits(nats):
   return nats / math.log(2.0)
 
@@ -113,17 +88,6 @@ def perplexity(mean_nll_nats):
 def bits_per_dim(mean_nll_nats):
   """Bits per token (per colour channel for images, where each channel is a token)."""
   return nats_to_bits(mean_nll_nats)
-
-
-def loss_fn_for(objective: str):
-  """'nelbo' | 'paper' -> f(log_p, x0, y_t, t, codec, schedule) -> (B, *S)."""
-  if objective == 'nelbo':
-    return lambda log_p, x0, y_t, t, codec, schedule: nelbo(
-        log_p, x0, y_t, t, codec, schedule=schedule)
-  if objective == 'paper':
-    return lambda log_p, x0, y_t, t, codec, schedule: paper_loss(log_p, x0, t, schedule=schedule)
-  raise ValueError(f"Unknown objective {objective!r}; choose 'nelbo' (the valid bound) or 'paper'.")
-
 
 
 def fused_losses(logits: jax.Array, x0: jax.Array, y_t: jax.Array, t: jax.Array, codec, *,

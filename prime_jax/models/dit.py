@@ -44,14 +44,15 @@ and v by whole heads; its flat layout (3, N, H) equals the reference's 'b s (thr
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from prime_jax.models.embed import SubtokenEmbed
-from prime_jax.models.layers import Dense, LayerNorm, dropout_key, make_param, uniform_init
+from prime_jax.models.layers import (Dense, HeadParam, LayerNorm, dropout_key, make_param,
+                                     uniform_init)
 
 LOGICAL_AXIS_NAMES = ('layers', 'vocab', 'embed', 'qkv', 'heads', 'mlp', 'modulation', 'cond',
                       'cond_in', 'freq')
@@ -184,87 +185,39 @@ class DiTBlock(nnx.Module):
     return x_BxLxD + (gate_mlp * mlp).astype(x_BxLxD.dtype)
 
 
-class HeadParams(NamedTuple):
-  """The output head over the C token classes, in the compute dtype: logits = h @ kernel + bias,
-  or with the low-rank tail, [h @ kernel, (h @ tail[0]) @ tail[1]] + bias."""
-  kernel: jax.Array  # (D, C), or (D, k) with a tail
-  bias: jax.Array  # (C,)
-  tail: Optional[tuple[jax.Array, jax.Array]] = None  # (proj (D, R), kernel (R, C - k))
-
-  def logits(self, h_BxLxD: jax.Array) -> jax.Array:
-    dot = lambda a, b: jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())))
-    z = dot(h_BxLxD, self.kernel)
-    if self.tail is not None:
-      z = jnp.concatenate([z, dot(dot(h_BxLxD, self.tail[0]), self.tail[1])], axis=-1)
-    return (z + self.bias).astype(jnp.float32)
-
-
 class FinalLayer(nnx.Module):
-  """LN -> adaLN shift/scale (`features`) and the Linear(D -> O) head (`head_params`, applied by
-  the DiT or fused into the loss); zero-initialised, so logits start at 0.
+  """LN -> adaLN shift/scale (`features`) and the Linear(D -> O) head (`head_weights`, applied by
+  the DiT or fused into the loss kernel); zero-initialised, so logits start at 0.
 
   `head_init_scale` > 0 draws the head kernel from U(±scale / sqrt(D)) instead (1 is PyTorch's
   Linear default); the bias stays zero. `adaln_init_scale` > 0 does the same for the modulation.
   A zero kernel makes every masked position's logits equal and gives the trunk no gradient at
   step 0 (the reference's choice; harmless over 10^6 steps, a slow start in a few hundred).
-
-  `tail_start` = k > 0 with `tail_rank` = R gives the outputs from k on a rank-R kernel: logits
-  [h @ W (D, k), (h @ P (D, R)) @ V (R, O - k)], the low-rank tail head (not in the reference).
-  GPT-2's BPE ids run roughly in merge order, a frequency order: ids below 8192 are 86 % of the
-  State of the Union's tokens, so the rare rest can share a few directions. It cuts the head's
-  matmuls, which dominate a small model's step, to a share (k + R (O - k) / D) / O of the full
-  head's. The tail kernel starts like the head kernel (zero, or U(±scale / sqrt(R))); P is
-  PyTorch's Linear default.
+  The head's parameters are `HeadParam`s: their own optimizer group.
   """
 
   def __init__(self, dim: int, cond_dim: int, num_outputs: int, *, dtype, rngs: nnx.Rngs,
-               head_init_scale: float = 0.0, adaln_init_scale: float = 0.0, tail_start: int = 0,
-               tail_rank: int = 0):
-    if tail_start or tail_rank:
-      if not 0 < tail_start < num_outputs or tail_rank < 1:
-        raise ValueError(f'The low-rank tail head needs 0 < tail_start < {num_outputs} outputs and '
-                         f'tail_rank >= 1, got tail_start={tail_start}, tail_rank={tail_rank} '
-                         f'(set both to 0 for the full head).')
+               head_init_scale: float = 0.0, adaln_init_scale: float = 0.0):
     self.norm = LayerNorm(dim, rngs=rngs)
     self.adaln = Dense(cond_dim, 2 * dim, names=('cond', 'modulation'),
                        zero_init=adaln_init_scale == 0, init_scale=adaln_init_scale, dtype=dtype,
                        rngs=rngs)
-    self.tail_start = tail_start
-    head_out = tail_start or num_outputs
-    self.head = self._kernel(dim, head_out, head_init_scale, dtype, rngs)
-    if tail_start:
-      self.tail_proj = Dense(dim, tail_rank, names=('embed', 'tail_rank'), use_bias=False,
-                             dtype=dtype, rngs=rngs)
-      self.tail = self._kernel(tail_rank, num_outputs - tail_start, head_init_scale, dtype, rngs,
-                               names=('tail_rank', 'vocab'))
-    else:
-      self.tail_proj, self.tail = nnx.data(None), nnx.data(None)
-
-  @staticmethod
-  def _kernel(fan_in, out, init_scale, dtype, rngs, names=('embed', 'vocab')):
-    """A zero-bias output kernel, zero (init_scale 0) or U(±init_scale / sqrt(fan_in))."""
-    dense = Dense(fan_in, out, names=names, zero_init=True, dtype=dtype, rngs=rngs)
-    if init_scale > 0:
-      dense.kernel = make_param(uniform_init(init_scale / math.sqrt(fan_in)), names, (fan_in, out),
-                                rngs, jnp.float32)
-    return dense
+    self.head = Dense(dim, num_outputs, names=('embed', 'vocab'), zero_init=True, dtype=dtype,
+                      param_type=HeadParam, rngs=rngs)
+    if head_init_scale > 0:
+      self.head.kernel = make_param(uniform_init(head_init_scale / math.sqrt(dim)),
+                                    ('embed', 'vocab'), (dim, num_outputs), rngs, jnp.float32,
+                                    HeadParam)
 
   def set_bias(self, bias_C: jax.Array) -> None:
     """Sets the first len(bias_C) output biases (e.g. the training unigram's log-probabilities)."""
-    k = self.head.bias.shape[0]
-    self.head.bias[...] = self.head.bias[...].at[:min(k, bias_C.shape[0])].set(bias_C[:k])
-    if self.tail is not None and bias_C.shape[0] > k:
-      self.tail.bias[...] = self.tail.bias[...].at[:bias_C.shape[0] - k].set(bias_C[k:])
+    n = min(self.head.bias.shape[0], bias_C.shape[0])
+    self.head.bias[...] = self.head.bias[...].at[:n].set(bias_C[:n])
 
-  def head_params(self, num_classes: int, dtype) -> HeadParams:
-    """The head restricted to the first `num_classes` outputs, in `dtype`."""
-    cast = lambda v: v[...].astype(dtype)
-    if self.tail is None:
-      return HeadParams(cast(self.head.kernel)[:, :num_classes], cast(self.head.bias)[:num_classes])
-    n_tail = num_classes - self.tail_start
-    bias = jnp.concatenate([cast(self.head.bias), cast(self.tail.bias)[:n_tail]])
-    return HeadParams(cast(self.head.kernel), bias,
-                      (cast(self.tail_proj.kernel), cast(self.tail.kernel)[:, :n_tail]))
+  def head_weights(self, num_classes: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """(kernel (D, num_classes), bias (num_classes,)) of the first `num_classes` outputs."""
+    return (self.head.kernel[...].astype(dtype)[:, :num_classes],
+            self.head.bias[...].astype(dtype)[:num_classes])
 
   def features(self, x_BxLxD: jax.Array, c_BxE: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaln(c_BxE)[:, None, :], 2, axis=-1)
@@ -286,8 +239,7 @@ class DiT(nnx.Module):
                num_layers: int, cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                time_conditioning: bool = False, mask_logit_in_head: Optional[bool] = None,
                scan_layers: bool = False, remat: bool = False, dtype=jnp.float32,
-               head_init_scale: float = 0.0, adaln_init_scale: float = 0.0,
-               head_tail_start: int = 0, head_tail_rank: int = 0, rope_base: float = 10000.0,
+               head_init_scale: float = 0.0, adaln_init_scale: float = 0.0, rope_base: float = 10000.0,
                distance_bias_slope: float = 0.0, rngs: nnx.Rngs):
     if base**ell < vocab_size:
       raise ValueError(f'base**ell = {base}**{ell} = {base**ell} < vocab_size = {vocab_size}: the '
@@ -329,20 +281,22 @@ class DiT(nnx.Module):
       self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
     self.final = FinalLayer(dim, cond_dim, vocab_size + int(self.mask_logit_in_head), dtype=dtype,
                             rngs=rngs, head_init_scale=head_init_scale,
-                            adaln_init_scale=adaln_init_scale, tail_start=head_tail_start,
-                            tail_rank=head_tail_rank)
+                            adaln_init_scale=adaln_init_scale)
 
   def __call__(self, y_BxLxK: jax.Array, sigma_B: Optional[jax.Array] = None, *,
                deterministic: bool = True,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
     """y (B, L, K) sub-token ids in [0, b] (b = mask) -> float32 logits (B, L, C)."""
     h_BxLxD = self.features(y_BxLxK, sigma_B, deterministic=deterministic, rngs=rngs)
-    return self.head_params().logits(h_BxLxD)
+    kernel_DxC, bias_C = self.head_weights()
+    logits = jax.lax.dot_general(h_BxLxD, kernel_DxC, (((2,), (0,)), ((), ())))
+    return (logits + bias_C).astype(jnp.float32)
 
-  def head_params(self) -> HeadParams:
-    """The output head restricted to the C token classes, in the compute dtype. A training loss
-    can fuse it with the softmax instead of materialising (B, L, C) logits."""
-    return self.final.head_params(self.vocab_size, self.dtype)
+  def head_weights(self) -> tuple[jax.Array, jax.Array]:
+    """(kernel (D, C), bias (C,)) of the output head over the C token classes, in the compute
+    dtype: logits = features @ kernel + bias. A loss kernel can fuse them with the softmax
+    instead of materialising (B, L, C) logits."""
+    return self.final.head_weights(self.vocab_size, self.dtype)
 
   def features(self, y_BxLxK: jax.Array, sigma_B: Optional[jax.Array] = None, *,
                deterministic: bool = True,

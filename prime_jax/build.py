@@ -1,0 +1,323 @@
+"""The composition root: the one module that reads the config.
+
+`experiment(config)` turns it, once, into objects and plain settings: the codec, the schedule, the
+task, the model (a factory), the optimizer, the token shape, the data and the loop, evaluation and
+sampling settings. Everything below (train, evaluate, sample, fid, bench) takes these objects and
+never reads the config. Impossible configs fail here with an error that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from prime_jax import losses
+from prime_jax import optim as optim_lib
+from prime_jax import sharding as sharding_lib
+from prime_jax.diffusion import schedules, subtokens
+from prime_jax.diffusion.image_sampler import ImageSamplerSettings
+from prime_jax.kernels import head as head_kernel
+from prime_jax.models import dit, unet
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """Where the examples come from; `iterator` gives this host's share of each global batch."""
+  source: str
+  data_dir: Optional[str]
+  seq_len: int
+  batch_size: int  # global, in examples
+  worker_count: int
+  random_flip: bool
+  seed: int
+  image: bool
+
+  def iterator(self, split: str, *, train: bool, batch_size: Optional[int] = None,
+               source: Optional[str] = None, data_dir: Optional[str] = None):
+    """Training (shuffled, repeated) or evaluation (one pass, padded, every example with its
+    global 'index' and a 'mask' that is False on padding) batches of this host."""
+    per_host = (batch_size or self.batch_size) // jax.process_count()
+    source, data_dir = source or self.source, data_dir or self.data_dir
+    if self.image:
+      from prime_jax.data import images  # pylint: disable=import-outside-toplevel
+      return images.make_image_pipeline(source, split, batch_size=per_host, seed=self.seed,
+                                        train=train, worker_count=self.worker_count,
+                                        data_dir=data_dir, pad_final_batch=not train,
+                                        random_flip=self.random_flip)
+    from prime_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    return pipeline.make_text_pipeline(source, split, seq_len=self.seq_len, batch_size=per_host,
+                                       seed=self.seed, train=train,
+                                       worker_count=self.worker_count, data_dir=data_dir,
+                                       pad_final_batch=not train)
+
+  def num_examples(self, split: str, *, source: Optional[str] = None,
+                   data_dir: Optional[str] = None) -> int:
+    source, data_dir = source or self.source, data_dir or self.data_dir
+    if self.image:
+      from prime_jax.data import images  # pylint: disable=import-outside-toplevel
+      return images.num_images(source, split, data_dir)
+    from prime_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    return pipeline.num_sequences(source, split, self.seq_len, data_dir)
+
+  def unigram_log_probs(self) -> np.ndarray:
+    """log p(token) of the add-one-smoothed training unigram (text)."""
+    from prime_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    return pipeline.unigram_log_probs(self.source, self.seq_len, data_dir=self.data_dir)
+
+  def unigram_baseline_nll(self) -> float:
+    """Validation cross-entropy (nats/token) of the training unigram: the context-free baseline."""
+    from prime_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    from prime_jax.metrics import unigram  # pylint: disable=import-outside-toplevel
+    counts = pipeline.unigram_counts(self.source, 'validation', self.seq_len,
+                                     data_dir=self.data_dir)
+    return unigram.cross_entropy(self.unigram_log_probs(), counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  seed: int
+  num_steps: int
+  log_every: int
+  eval_every: int
+  ckpt_every: int
+  keep_ckpts: int
+  peak_flops: float  # per device; 0 = guess from the device kind
+  bench_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  split: str
+  num_batches: int  # 0 = the whole split
+  batch_size: int  # global
+  use_ema: bool
+  seed: int
+  num_t: int
+  sets: tuple[tuple[str, str], ...]  # extra (source, split) pairs for --mode eval
+  sets_dir: Optional[str]
+  t_grid: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  num_samples: int
+  batch_size: int
+  seed: int
+  steps: int  # text reverse steps
+  nucleus_p: float
+  precision: str
+  cache: bool
+  prefix_len: int
+  scorer: str
+  scorer_path: Optional[str]
+  fid_ref_images: int
+  inpaint: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run needs, built from the config once."""
+  task: losses.Task
+  token_shape: tuple[int, ...]  # S: (L,) text, (H, W, channels) images
+  make_model: Callable[[nnx.Rngs], nnx.Module]
+  optim: optim_lib.OptimSettings
+  head_bias: str  # '' | 'unigram'
+  data: Data
+  loop: Loop
+  eval: EvalSettings
+  sample: SampleSettings
+  image_sampler: Optional[ImageSamplerSettings]  # images only
+  mesh_axes: dict[str, int]
+  summary: dict[str, Any]  # a few config values for checkpoint metadata and messages
+
+  @property
+  def codec(self) -> subtokens.Codec:
+    return self.task.codec
+
+  def make_optimizer(self):
+    """(optax transformation, lr schedule)."""
+    return optim_lib.make_optimizer(self.optim, self.loop.num_steps)
+
+  def mesh(self, devices=None):
+    sharding_lib.maybe_initialize_distributed()
+    mesh = sharding_lib.make_mesh(self.mesh_axes, devices)
+    sharding_lib.check_batch(self.data.batch_size, mesh)
+    sharding_lib.check_batch(self.eval.batch_size, mesh)
+    return mesh
+
+  def task_on(self, mesh) -> losses.Task:
+    """The task for a mesh: the head kernel's row compaction needs an unsharded batch for now."""
+    if mesh.shape.get('data', 1) * mesh.shape.get('fsdp', 1) > 1:
+      return dataclasses.replace(self.task, compaction=None)
+    return self.task
+
+  def head_bias_prior(self) -> Optional[np.ndarray]:
+    """The head's initial bias: log p(token) of the training unigram with `model.init.head_bias =
+    'unigram'` (the model then starts at the unigram instead of the uniform distribution; a
+    data-dependent initialisation that changes no equation of the method), else None."""
+    if not self.head_bias:
+      return None
+    return self.data.unigram_log_probs().astype(np.float32)
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def _schedule(d: ml_collections.ConfigDict) -> schedules.Schedule:
+  if d.schedule == 'loglinear':
+    return schedules.get('loglinear', eps=d.schedule_eps)
+  if d.schedule == 'poly':
+    return schedules.get('poly', n=d.schedule_n)
+  return schedules.get(d.schedule)
+
+
+def _is_image(cfg: ml_collections.ConfigDict) -> bool:
+  from prime_jax.data import images  # pylint: disable=import-outside-toplevel
+  name, image_data = cfg.model.name, images.is_image_source(cfg.data.source)
+  _check(name in ('dit', 'unet'),
+         f"model.name must be 'dit' (text) or 'unet' (images), got {name!r}.")
+  _check((name == 'unet') == image_data,
+         f'model.name={name!r} does not fit data.source={cfg.data.source!r}: use '
+         f"'unet' for the image sources {sorted(images.SOURCES)} and 'dit' for text.")
+  return name == 'unet'
+
+
+def _token_shape(cfg, image: bool) -> tuple[int, ...]:
+  if image:
+    from prime_jax.data import images  # pylint: disable=import-outside-toplevel
+    return tuple(images.image_shape(cfg.data.source))
+  return (int(cfg.data.seq_len),)
+
+
+def _model_factory(cfg, codec: subtokens.Codec, image: bool, token_shape):
+  m = cfg.model
+  _check(m.dtype in ('float32', 'bfloat16'),
+         f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}.")
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[m.dtype]
+  if image:
+    u = m.unet
+    return functools.partial(
+        unet.UNet, vocab_size=codec.vocab_size, base=codec.base, ell=codec.ell,
+        image_channels=token_shape[-1], model_channels=u.model_channels,
+        channel_mult=tuple(u.channel_mult), num_res_blocks=u.num_res_blocks,
+        attention_resolutions=tuple(u.attention_resolutions), head_channels=u.head_channels,
+        dropout=m.dropout, norm_groups=u.norm_groups, time_conditioning=m.time_conditioning,
+        remat=m.remat, dtype=dtype)
+  return functools.partial(
+      dit.DiT, vocab_size=codec.vocab_size, base=codec.base, ell=codec.ell, dim=m.dim,
+      num_heads=m.num_heads, num_layers=m.num_layers, cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio,
+      dropout=m.dropout, time_conditioning=m.time_conditioning, scan_layers=m.scan_layers,
+      remat=m.remat, dtype=dtype, head_init_scale=m.init.head_scale,
+      adaln_init_scale=m.init.adaln_scale, rope_base=m.rope_base,
+      distance_bias_slope=m.distance_bias_slope)
+
+
+def _sets(spec: str) -> tuple[tuple[str, str], ...]:
+  out = []
+  for item in filter(None, (s.strip() for s in spec.split(','))):
+    if ':' in item:
+      source, split = item.split(':', 1)
+    else:
+      from prime_jax.data import zeroshot  # pylint: disable=import-outside-toplevel
+      known = zeroshot.ZERO_SHOT.get(item)
+      source, split = item, known.split if known else 'validation'
+    out.append((source, split))
+  return tuple(out)
+
+
+def _floats(spec: str, field: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(x) for x in spec.split(',') if x.strip())
+  except ValueError:
+    raise ValueError(f'{field}={spec!r}: expected comma-separated numbers, e.g. 0.1,0.5.') from None
+
+
+def image_sampler_settings(cfg, schedule: schedules.Schedule) -> ImageSamplerSettings:
+  """The image sampler of the config's `sampler` block, on the configured schedule."""
+  _check(schedule.name == 'poly',
+         f"The image sampler samples the 'poly' schedule alpha = (1 - t)**n (the reference's); "
+         f'diffusion.schedule={schedule.name!r} cannot be sampled by it. Train image models with '
+         "diffusion.schedule='poly'.")
+  s = cfg.sampler
+  return ImageSamplerSettings(
+      num_steps=int(s.num_steps), schedule_n=float(schedule.n), carry_over=bool(s.carry_over),
+      temperature=tuple(s.temperature), use_corrector=bool(s.use_corrector),
+      corrector=tuple(s.corrector), use_timestep_scheduler=bool(s.use_timestep_scheduler),
+      timestep=tuple(s.timestep) if s.use_timestep_scheduler else (1.0, 1.0, 0.0),
+      precision=cfg.sample.precision)
+
+
+def experiment(cfg: ml_collections.ConfigDict) -> Experiment:
+  """The config, read once, as objects."""
+  d = cfg.diffusion
+  _check(d.objective in ('nelbo', 'paper'),
+         f"diffusion.objective must be 'nelbo' or 'paper', got {d.objective!r}.")
+  image = _is_image(cfg)
+  codec = subtokens.Codec(d.vocab_size, d.ell,
+                          shuffle_seed=None if d.shuffle_seed < 0 else d.shuffle_seed)
+  schedule = _schedule(d)
+  compaction = None
+  if d.carry_over and not image:
+    compaction = head_kernel.Compaction.expected(schedule, codec.ell, float(d.sampling_eps))
+  task = losses.Task(codec=codec, schedule=schedule, carry_over=bool(d.carry_over),
+                     objective=d.objective, sampling_eps=float(d.sampling_eps),
+                     antithetic=bool(d.antithetic), image=image, compaction=compaction)
+  token_shape = _token_shape(cfg, image)
+  _check(cfg.model.init.head_bias in ('', 'unigram'),
+         f"model.init.head_bias must be '' or 'unigram', got {cfg.model.init.head_bias!r}.")
+  _check(not (image and cfg.model.init.head_bias),
+         "model.init.head_bias='unigram' is for the DiT text models; set it to '' for images.")
+  o = cfg.optim
+  optim = optim_lib.OptimSettings(
+      lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps, head_b2=o.head_b2, weight_decay=o.weight_decay,
+      warmup_steps=o.warmup_steps, schedule=o.schedule, final_lr_frac=o.final_lr_frac,
+      grad_clip=o.grad_clip, ema_decay=o.ema_decay)
+  data = Data(source=cfg.data.source, data_dir=cfg.data.data_dir or None,
+              seq_len=int(cfg.data.seq_len), batch_size=int(cfg.data.batch_size),
+              worker_count=int(cfg.data.worker_count), random_flip=bool(cfg.data.random_flip),
+              seed=int(cfg.seed), image=image)
+  t = cfg.train
+  loop = Loop(seed=int(cfg.seed), num_steps=int(t.num_steps), log_every=int(t.log_every),
+              eval_every=int(t.eval_every), ckpt_every=int(t.ckpt_every),
+              keep_ckpts=int(t.keep_ckpts), peak_flops=float(t.peak_flops),
+              bench_steps=int(t.bench_steps))
+  e = cfg.eval
+  _check(e.num_t >= 1, f'eval.num_t={e.num_t} must be >= 1 (time samples per sequence).')
+  ev = EvalSettings(split=e.split, num_batches=int(e.num_batches),
+                    batch_size=int(e.batch_size or cfg.data.batch_size), use_ema=bool(e.use_ema),
+                    seed=int(e.seed), num_t=int(e.num_t), sets=_sets(e.sets),
+                    sets_dir=e.sets_dir or cfg.data.data_dir or None,
+                    t_grid=_floats(e.t_grid, 'eval.t_grid'))
+  s = cfg.sample
+  sample = SampleSettings(num_samples=int(s.num_samples), batch_size=int(s.batch_size),
+                          seed=int(s.seed), steps=int(s.steps or cfg.data.seq_len),
+                          nucleus_p=float(s.nucleus_p), precision=s.precision, cache=bool(s.cache),
+                          prefix_len=int(s.prefix_len), scorer=s.scorer,
+                          scorer_path=s.scorer_path or None,
+                          fid_ref_images=int(s.fid_ref_images), inpaint=bool(s.inpaint))
+  _check(sample.num_samples >= 1 and sample.batch_size >= 1,
+         f'sample.num_samples={sample.num_samples} and sample.batch_size={sample.batch_size} '
+         'must be >= 1.')
+  return Experiment(
+      task=task, token_shape=token_shape,
+      make_model=_model_factory(cfg, codec, image, token_shape), optim=optim,
+      head_bias=cfg.model.init.head_bias, data=data, loop=loop, eval=ev, sample=sample,
+      image_sampler=image_sampler_settings(cfg, schedule) if image else None,
+      mesh_axes=dict(cfg.mesh),
+      summary=dict(source=cfg.data.source, vocab_size=codec.vocab_size, ell=codec.ell,
+                   model=cfg.model.name, dim=cfg.model.dim, layers=cfg.model.num_layers,
+                   objective=d.objective, carry_over=bool(d.carry_over)))
+
+
+def count_params(abs_params) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params)))

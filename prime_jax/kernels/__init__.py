@@ -1,0 +1,1 @@
+"""Performance kernels of the core maths on plain arrays, tested equal to the plain composition."""
