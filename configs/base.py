@@ -130,7 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.seed = 0
   c.sample.steps = 0  # text reverse steps T; 0 = data.seq_len (images: sampler.num_steps)
   c.sample.nucleus_p = 1.0  # text: top-p mass kept (1 = off)
-  c.sample.precision = 'fp64'  # token draws: fp64 inverse CDF | fp32 race | fp32_hires (64-bit race)
+  # token draws: fp64 inverse CDF | fp32 race | fp32_hires (a race on 64 random bits)
+  c.sample.precision = 'fp64'
   c.sample.cache = True  # text: skip the network in idle steps
   c.sample.prefix_len = 0  # text: keep the first N positions of validation sequences
   c.sample.scorer = ''  # text: generative perplexity under 'smollm2' (offline) or 'gpt2'; '' = none

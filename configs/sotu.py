@@ -35,7 +35,8 @@ def get_config(arg: str = ''):
   c.model.init.head_bias = 'unigram'
   c.model.init.head_scale = 0.1
   c.model.init.adaln_scale = 1.0
-  c.model.rope_base = 30.0  # 600 steps, no penalty, mean of seeds 1-3: 10 1006, 30 966 (docs/demo.md)
+  # 600 steps, no penalty, mean of seeds 1-3: base 10 1006, base 30 966 (docs/demo.md)
+  c.model.rope_base = 30.0
   # ALiBi-like -m_n |i - j| on the attention logits, m_n = 2, 0.5, 0.125, 0.031 for the 4 heads.
   # Seed 2, 600 steps: slope 0 922.7, 0.25 869.4, 1 809.8, 2 758.8, 4 766.9 (docs/demo.md)
   c.model.distance_bias_slope = 2.0

@@ -1,4 +1,4 @@
-"""--mode bench: the real train step on synthetic batches; prints step time, tokens/s, MFU, memory."""
+"""--mode bench: the real train step on synthetic batches: step time, tokens/s, MFU, memory."""
 
 from __future__ import annotations
 

@@ -29,9 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prime_jax import build
+from prime_jax import build, losses, report
 from prime_jax import checkpoint as checkpoint_lib
-from prime_jax import losses, report
 from prime_jax import sharding as sharding_lib
 from prime_jax.diffusion import forward, objectives
 from prime_jax.metrics import unigram

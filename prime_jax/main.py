@@ -1,4 +1,4 @@
-"""Entry point: python -m prime_jax.main --config configs/X.py --workdir DIR [--mode MODE] [--step N].
+"""Entry point: python -m prime_jax.main --config configs/X.py --workdir DIR [--mode M] [--step N].
 
 Modes: train (resumes from WORKDIR), eval (valid-bound likelihood of a checkpoint on the validation
 split and the zero-shot sets of eval.sets), sample (text samples, NFE / idle steps, optional

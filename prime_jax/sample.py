@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prime_jax import build
+from prime_jax import build, evaluate, losses, report
 from prime_jax import checkpoint as checkpoint_lib
-from prime_jax import evaluate, losses, report
 from prime_jax.diffusion import samplers
 
 

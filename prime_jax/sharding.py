@@ -1,9 +1,9 @@
 """The one place where meshes, logical axis rules and shardings are decided.
 
 Models name the axes of their parameters logically ('embed', 'mlp', 'vocab', ...). A config's mesh
-axes ('data', 'fsdp', 'tensor'; -1 fills the rest) and logical axis rules map those names to mesh axes.
-A dimension whose size is not divisible by its mesh axes is replicated instead (e.g. a 50257-way head
-over tensor=2), so every config runs on every mesh.
+axes ('data', 'fsdp', 'tensor'; -1 fills the rest) and logical axis rules map those names to mesh
+axes. A dimension whose size is not divisible by its mesh axes is replicated instead (e.g. a
+50257-way head over tensor=2), so every config runs on every mesh.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -126,11 +127,12 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 
 
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when launched as several processes: PRIME_JAX_DISTRIBUTED=1 (set by
-  launch/tpu.py; Cloud TPU VMs expose their workers through metadata, not the environment), SLURM
+  """jax.distributed.initialize() when launched as several processes: PRIME_JAX_DISTRIBUTED=1 (set
+  by launch/tpu.py; Cloud TPU VMs expose their workers through metadata, not the environment), SLURM
   with several tasks, or an explicit coordinator."""
   env = os.environ
-  multi = (env.get('PRIME_JAX_DISTRIBUTED') == '1' or 'JAX_COORDINATOR_ADDRESS' in env or int(env.get('SLURM_NTASKS', '1')) > 1
+  multi = (env.get('PRIME_JAX_DISTRIBUTED') == '1' or 'JAX_COORDINATOR_ADDRESS' in env
+           or int(env.get('SLURM_NTASKS', '1')) > 1
            or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
   if multi and not jax.distributed.is_initialized():
     jax.distributed.initialize()

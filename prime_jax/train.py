@@ -21,10 +21,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from prime_jax import build
+from prime_jax import build, losses, optim, report
 from prime_jax import checkpoint as checkpoint_lib
 from prime_jax import evaluate as evaluate_lib
-from prime_jax import losses, optim, report
 from prime_jax import sharding as sharding_lib
 from prime_jax.metrics import throughput
 from prime_jax.metrics import writer as writer_lib

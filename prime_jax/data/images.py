@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from prime_jax.data import assets
-from prime_jax.data import pipeline
+from prime_jax.data import assets, pipeline
 
 if TYPE_CHECKING:
   import grain

@@ -22,11 +22,11 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from prime_jax.data import assets
-from prime_jax.data.text import DOCS_PER_GROUP, OWT_NUM_VALIDATION_DOCS, canonical_split
-from prime_jax.data.text import wrap_groups
 from prime_jax.data.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, get_tokenizer
+from prime_jax.data.wrapping import DOCS_PER_GROUP, wrap_groups
 
 _FORMAT_VERSION = 1
+NUM_VALIDATION_DOCS = 100_000
 _META = 'metadata.json'
 
 
@@ -115,7 +115,7 @@ class _ShardWriter:
 
 
 def prepare_owt(inputs: Sequence[os.PathLike], output: os.PathLike, *, seq_len: int = 1024,
-                num_validation_docs: int = OWT_NUM_VALIDATION_DOCS,
+                num_validation_docs: int = NUM_VALIDATION_DOCS,
                 sequences_per_shard: int = 50_000, overwrite: bool = False) -> dict:
   """Tokenize and wrap local OWT documents into ArrayRecord shards; returns the metadata.
 
@@ -204,7 +204,7 @@ def owt_source(data_dir: Optional[os.PathLike], split: str, seq_len: int):
   """grain ArrayRecordDataSource over one split's shards; records are raw uint16 bytes."""
   import grain  # pylint: disable=import-outside-toplevel
   meta = owt_metadata(data_dir, seq_len)
-  names = meta['splits'][canonical_split('owt', split)]['shards']
+  names = meta['splits'][{'valid': 'validation'}.get(split, split)]['shards']
   shards = [str(Path(data_dir) / s) for s in names]
   if not shards:
     raise ValueError(f'{data_dir} holds no {split} sequences; prepare it with more documents.')

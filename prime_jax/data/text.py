@@ -32,12 +32,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from prime_jax.data import assets, zeroshot
-from prime_jax.data.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, check_ids, get_tokenizer
+from prime_jax.data import assets, owt, zeroshot
+from prime_jax.data.tokenizer import VOCAB_SIZE, get_tokenizer
+from prime_jax.data.wrapping import DOCS_PER_GROUP, wrap, wrap_groups  # noqa: F401 (re-exported)
 from prime_jax.data.zeroshot import lm1b_detokenize  # with the other detokenizers
 
 SOURCES = ('sotu', 'moby_dick', 'owt', 'lm1b') + zeroshot.FILE_SOURCES
@@ -55,9 +56,8 @@ _ALIASES = {
     'lm1b': {'validation': 'test', 'valid': 'test'},
     **zeroshot.FILE_ALIASES,
 }
-DOCS_PER_GROUP = 1000
 SOTU_VAL_FRACTION = 0.1
-OWT_NUM_VALIDATION_DOCS = 100_000
+OWT_NUM_VALIDATION_DOCS = owt.NUM_VALIDATION_DOCS
 CACHE_ENV_VAR = 'PRIME_JAX_CACHE'
 _FORMAT_VERSION = 1
 
@@ -69,51 +69,6 @@ def canonical_split(source: str, split: str) -> str:
   if split not in SPLITS[source]:
     raise ValueError(f'{source!r} has no split {split!r}; its splits are {SPLITS[source]}.')
   return split
-
-
-# ----------------------------------------------------------------------------- wrapping
-
-
-def wrap_groups(docs: Iterable[Sequence[int]], seq_len: int, *,
-                docs_per_group: Optional[int] = DOCS_PER_GROUP,
-                vocab_size: int = VOCAB_SIZE) -> Iterator[np.ndarray]:
-  """Yield the wrapped (n, L) uint16 sequences of each group of tokenized documents.
-
-  `docs_per_group=None` treats the whole stream as one group (only the final remainder dropped).
-  """
-  if seq_len < 3:
-    raise ValueError(f'seq_len={seq_len} leaves no room for content between BOS and EOS; use >= 3.')
-  if vocab_size > 2**16:
-    raise ValueError(f'vocab_size={vocab_size} does not fit the uint16 storage; widen the dtype.')
-  group: list[np.ndarray] = []
-
-  def flush() -> np.ndarray:
-    stream = np.concatenate(group) if group else np.zeros((0,), np.int64)
-    group.clear()
-    check_ids(stream, vocab_size, where='tokenized documents')
-    chunk = seq_len - 2
-    n = stream.size // chunk
-    out_NxL = np.empty((n, seq_len), np.uint16)
-    out_NxL[:, 0] = BOS_ID
-    out_NxL[:, -1] = EOS_ID
-    out_NxL[:, 1:-1] = stream[:n * chunk].reshape(n, chunk)
-    return out_NxL
-
-  for doc in docs:
-    group.append(np.asarray(doc, np.int64))
-    group.append(np.array([EOS_ID], np.int64))
-    if docs_per_group is not None and len(group) == 2 * docs_per_group:
-      yield flush()
-  if group:
-    yield flush()
-
-
-def wrap(docs: Iterable[Sequence[int]], seq_len: int, *,
-         docs_per_group: Optional[int] = DOCS_PER_GROUP,
-         vocab_size: int = VOCAB_SIZE) -> np.ndarray:
-  """All wrapped sequences of `docs` as one (N, L) uint16 array."""
-  parts = list(wrap_groups(docs, seq_len, docs_per_group=docs_per_group, vocab_size=vocab_size))
-  return np.concatenate(parts) if parts else np.zeros((0, seq_len), np.uint16)
 
 
 def _tokenize_and_wrap(texts: Sequence[str], seq_len: int) -> np.ndarray:
@@ -286,7 +241,6 @@ def sequence_source(source: str, split: str, seq_len: int, *,
   """Random-access source of wrapped sequences: uint16 (L,) arrays, or raw uint16 bytes for owt."""
   split = canonical_split(source, split)
   if source == 'owt':
-    from prime_jax.data import owt  # pylint: disable=import-outside-toplevel
     return owt.owt_source(data_dir, split, seq_len)
   return NpySequences(_wrapped_path(source, split, seq_len, data_dir))
 
@@ -296,7 +250,6 @@ def unigram_counts(source: str, split: str, seq_len: int, *,
   """(C,) int64 token histogram of the wrapped split (BOS/EOS included), for a unigram baseline."""
   split = canonical_split(source, split)
   if source == 'owt':
-    from prime_jax.data import owt  # pylint: disable=import-outside-toplevel
     meta = owt.owt_metadata(data_dir, seq_len)
     name = meta['splits'][split]['unigram_counts']
     return np.load(Path(data_dir) / name).astype(np.int64)
@@ -326,7 +279,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument('--sequences-per-shard', type=int, default=50_000)
   p.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
-  from prime_jax.data import owt  # pylint: disable=import-outside-toplevel
   owt.prepare_owt(args.input, args.output, seq_len=args.seq_len,
                   num_validation_docs=args.num_validation_docs,
                   sequences_per_shard=args.sequences_per_shard, overwrite=args.overwrite)

@@ -1,7 +1,8 @@
 """Exact expectations by enumeration, for tiny codecs (numpy, float64).
 
 These are the ground truth the objectives are checked against (SPEC 4.3, 13.13):
-- every mask pattern of n units (sub-tokens) is enumerated and weighted by its probability at time t;
+- - every mask pattern of n units (sub-tokens) is enumerated and weighted by its probability at time
+  t;
 - the integral over t is Gauss-Legendre quadrature;
 - a model's own exact NLL is computed from its continuous-time generative process, which reveals the
   masked units one at a time in a uniformly random order, each drawn from its marginal given the

@@ -39,7 +39,8 @@ def log_probs(logits: jax.Array, y_t: jax.Array, codec, *, carry_over: bool = Tr
   Computed in at least float32. With carry_over=False it is a plain log_softmax over C.
   """
   if logits.shape[-1] != codec.vocab_size:
-    raise ValueError(f'logits have {logits.shape[-1]} classes, the codec has C = {codec.vocab_size}.')
+    raise ValueError(f'logits have {logits.shape[-1]} classes, the codec has '
+                     f'C = {codec.vocab_size}.')
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   if carry_over:
     logits = jnp.where(consistent(y_t, codec), logits, NEG_INF)
@@ -47,7 +48,7 @@ def log_probs(logits: jax.Array, y_t: jax.Array, codec, *, carry_over: bool = Tr
 
 
 def to_code_order(log_p: jax.Array, codec) -> jax.Array:
-  """(B, *S, C) class log-probs -> (B, *S, N) log-probs indexed by code (invalid codes get NEG_INF)."""
+  """(B, *S, C) class log-probs -> (B, *S, N) log-probs by code (invalid codes get NEG_INF)."""
   if codec.shuffled:
     # token_of_code >= C marks an invalid code: point it at a padding slot.
     padded = jnp.concatenate(

@@ -8,26 +8,28 @@ One reverse step t -> s:
   2. every token with a revealed digit draws x0_hat ~ p(. | y_t) (carry-over filtered, nucleus), and
      its revealed digits are the digits of that single draw; observed digits never change.
 
-The reveal decision does not depend on the model, so it is drawn first. A step in which no sub-token of
-the batch is revealed ("idle step") leaves y unchanged; with `cache=True` it makes no network call
-(a `lax.cond` on a scalar). Because the network is time-independent this is exactly the reference's
-`ddpm_cache`: its cached prediction is only ever used by the first non-idle step after it was made,
-so the number of network evaluations is (non-idle steps) + 1 (the final noise-removal call, made when a
-mask is left at t_min).
+The reveal decision does not depend on the model, so it is drawn first. A step in which no sub-token
+of the batch is revealed ("idle step") leaves y unchanged; with `cache=True` it makes no network
+call (a `lax.cond` on a scalar). Because the network is time-independent this is exactly the
+reference's `ddpm_cache`: its cached prediction is only ever used by the first non-idle step after
+it was made, so the number of network evaluations is (non-idle steps) + 1 (the final noise-removal
+call, made when a mask is left at t_min).
 
 Token draws (x0_hat), by `precision`:
-  fp64        (default) probabilities in float64 under a scoped x64, one float64 uniform per position,
-              inverse CDF. Exact to float64 resolution; C times fewer random numbers than the
-              reference's exponential race over all C classes.
-  fp32        the common naive form: exponential race argmax p_c / E_c with E = -log(U + 1e-10), U a
-              float32 uniform. U has 2**-23 resolution, so classes with p_c / p_max below ~1e-7 are
-              (almost) never drawn: the tail is truncated (lower entropy, flattering generative PPL).
-  fp32_hires  TPU-safe exact form: the race with V = 1 - U built from 64 random bits and E = -log1p(-V),
-              which resolves E (and so probability ratios) down to ~1e-19.
+  fp64        (default) probabilities in float64 under a scoped x64, one float64 uniform
+              per position, inverse CDF. Exact to float64 resolution; C times fewer random numbers
+              than the reference's exponential race over all C classes.
+  fp32        the common naive form: exponential race argmax p_c / E_c with E = -log(U +
+              1e-10), U a float32 uniform. U has 2**-23 resolution, so classes with p_c / p_max
+              below ~1e-7 are (almost) never drawn: the tail is truncated (lower entropy, flattering
+              generative PPL).
+  fp32_hires  TPU-safe exact form: the race with V = 1 - U built from 64 random bits and
+              E = -log1p(-V), which resolves E (and so probability ratios) down to ~1e-19.
 
-Nucleus (top-p) follows the reference (BD3-LM's `_nucleus_sample`): classes sorted by probability are
-kept while the INCLUSIVE cumulative sum is <= p (the class that crosses p is dropped), the top class is
-always kept, and the kept mass is renormalised. It is not applied to the final noise-removal draw.
+Nucleus (top-p) follows the reference (BD3-LM's `_nucleus_sample`): classes sorted by probability
+are kept while the INCLUSIVE cumulative sum is <= p (the class that crosses p is dropped), the top
+class is always kept, and the kept mass is renormalised. It is not applied to the final
+noise-removal draw.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class SampleOutput(NamedTuple):
   idle_steps: jax.Array  # () reverse steps in which no sub-token of the batch changed
 
 
-# -- token draws ------------------------------------------------------------------------------------
+# -- token draws -----------------------------------------------------------------------------
 
 
 def nucleus_filter(probs: jax.Array, top_p: float) -> jax.Array:
@@ -91,7 +93,7 @@ def draw_tokens(key: jax.Array, probs: jax.Array, precision: str) -> jax.Array:
   return jnp.argmax(jnp.log(probs) - jnp.log(e), axis=-1).astype(jnp.int32)
 
 
-# -- the sampler ------------------------------------------------------------------------------------
+# -- the sampler -----------------------------------------------------------------------------
 
 
 def _is_traced(x) -> bool:
@@ -158,12 +160,12 @@ def sample(key: jax.Array, logits_fn: Callable[..., jax.Array], codec, *, shape,
 
 def run_in_precision(run: Callable[..., SampleOutput], precision: str, key, cond_tokens,
                      cond_keep, params) -> SampleOutput:
-  """run(key, cond_tokens, cond_keep, params), inside a scoped x64 for 'fp64' (shared by samplers)."""
+  """run(key, cond_tokens, cond_keep, params), in a scoped x64 for 'fp64' (shared by samplers)."""
   if precision == 'fp64' and not jax.config.jax_enable_x64:
     if _is_traced(key) or _is_traced(cond_tokens):
       raise ValueError(
-          "precision='fp64' runs in its own x64 scope, which cannot be entered inside jax.jit: call "
-          "sample() outside jit (it compiles itself), enable jax_enable_x64 globally, or use "
+          "precision='fp64' runs in its own x64 scope, which cannot be entered inside jax.jit: "
+          "call sample() outside jit (it compiles itself), enable jax_enable_x64 globally, or use "
           "precision='fp32_hires'.")
     with jax.enable_x64(True):
       out = run(key, cond_tokens, cond_keep, params)
@@ -175,7 +177,8 @@ def run_in_precision(run: Callable[..., SampleOutput], precision: str, key, cond
     'logits_fn', 'codec', 'shape', 'reveal_q', 'carry_over', 'nucleus_p', 'precision',
     'cache', 'final', 'with_params', 'decode'))
 def _sample_jit(key, cond_tokens, cond_keep, params, *, logits_fn, codec, shape, reveal_q,
-                carry_over, nucleus_p, precision, cache, final, with_params, decode) -> SampleOutput:
+                carry_over, nucleus_p, precision, cache, final, with_params,
+                decode) -> SampleOutput:
   mask_id = codec.mask_id
   dtype = jnp.float64 if precision == 'fp64' else jnp.float32
   num_steps = len(reveal_q)

@@ -3,8 +3,8 @@
 alpha(t) is the probability that a sub-token is still unmasked at time t. The continuous-time NELBO
 weight is w(t) = -alpha'(t) / (1 - alpha(t)); for the reference text schedule it is exactly 1/t.
 
-The image code of the reference runs time the other way (t' = 0 masked, alpha = t'**n); `poly` is that
-schedule with t = 1 - t'.
+The image code of the reference runs time the other way (t' = 0 masked, alpha = t'**n); `poly` is
+that schedule with t = 1 - t'.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def as_schedule(schedule) -> Schedule:
 
 
 def sampling_grid(num_steps: int, t_min: float = 1e-5) -> np.ndarray:
-  """Reverse-time grid t_0 = 1 > ... > t_T = t_min (the reference text sampler: linspace(1, 1e-5))."""
+  """Reverse-time grid t_0 = 1 > ... > t_T = t_min (the reference text sampler: linspace))."""
   if num_steps < 1:
     raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
   if not 0.0 <= t_min < 1.0:

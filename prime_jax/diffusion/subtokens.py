@@ -6,8 +6,8 @@ Dimension key:
   N: codes, b**K (N >= C; codes >= C are invalid and never produced by `encode`)
 
 A token x is mapped to a code (x itself, or perm[x] with index shuffling) and the code is written in
-base b, most significant digit first. The mask sub-token is m = b, so the input vocabulary of a model
-has b + 1 symbols.
+base b, most significant digit first. The mask sub-token is m = b, so the input vocabulary of a
+model has b + 1 symbols.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Codec:
     ell: K, sub-tokens per token.
     shuffle_seed: if given, tokens are permuted by a permutation of [0, C) drawn from this seed
       before encoding (and the permutation is inverted after decoding).
-    permutation: an explicit int array instead of a seed: a permutation of [0, n) with C <= n <= b**K
+    permutation: an explicit int array instead of a seed: a permutation of [0, n), C <= n <= b**K
       (e.g. the authors' perm_32768 for C = 32000, whose tail is the identity). Token x gets code
       permutation[x]. Use `Codec.from_permutation_file` for a raw little-endian int64 file.
 
@@ -102,7 +102,7 @@ class Codec:
 
   @classmethod
   def from_permutation_file(cls, path: str, vocab_size: int, ell: int) -> 'Codec':
-    """Reads a permutation stored as raw little-endian int64 (e.g. `*/data/0` of the authors' .pt)."""
+    """Reads a permutation stored as raw little-endian int64 (`*/data/0` of the authors' .pt)."""
     return cls(vocab_size, ell, permutation=np.fromfile(path, dtype='<i8'))
 
   # -- properties ---------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class Codec:
     return jnp.asarray(self._token_of_code)[code]
 
   def check(self, x) -> np.ndarray:
-    """Host-side validation: raises ValueError unless every id lies in [0, C). Returns x as numpy."""
+    """Host-side check: raises ValueError unless every id lies in [0, C). Returns x as numpy."""
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.integer):
       raise ValueError(f'Token ids must be integers, got dtype {x.dtype}.')
@@ -156,9 +156,10 @@ class Codec:
     if bad.any():
       idx = tuple(int(i) for i in np.argwhere(bad)[0])
       raise ValueError(
-          f'{int(bad.sum())} token id(s) outside [0, {self.vocab_size}), e.g. {int(x[idx])} at index '
-          f'{idx}. The tokenizer and the codec disagree on the vocabulary size: set vocab_size to the '
-          'tokenizer\'s vocabulary (GPT-2: 50257) or fix the data; ids are never clamped.')
+          f'{int(bad.sum())} token id(s) outside [0, {self.vocab_size}), e.g. {int(x[idx])} at '
+          f'index {idx}. The tokenizer and the codec disagree on the vocabulary size: set '
+          'vocab_size to the tokenizer\'s vocabulary (GPT-2: 50257) or fix the data; ids are '
+          'never clamped.')
     return x
 
   # -- identity -----------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ K sub-tokens per token, R compacted rows.
 
 `objectives.fused_losses(h @ W + b, ...)` materialises (N, C) logits, their exponentials and their
 gradient: with C = 50257 each of those passes over memory costs as much as the head's matmul on a
-CPU. Here the head is applied one vocabulary tile at a time inside a scan (an online logsumexp, as in
-flash attention), and a custom VJP recomputes each tile in the backward pass, so nothing of size
+CPU. Here the head is applied one vocabulary tile at a time inside a scan (an online logsumexp, as
+in flash attention), and a custom VJP recomputes each tile in the backward pass, so nothing of size
 (N, C) ever exists and each tile stays in cache. Values and gradients equal
 `objectives.fused_losses` (tested).
 

@@ -51,8 +51,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prime_jax.models.embed import SubtokenEmbed
-from prime_jax.models.layers import (Dense, HeadParam, LayerNorm, dropout_key, make_param,
-                                     uniform_init)
+from prime_jax.models.layers import (
+  Dense,
+  HeadParam,
+  LayerNorm,
+  dropout_key,
+  make_param,
+  uniform_init,
+)
 
 LOGICAL_AXIS_NAMES = ('layers', 'vocab', 'embed', 'qkv', 'heads', 'mlp', 'modulation', 'cond',
                       'cond_in', 'freq')
@@ -239,7 +245,8 @@ class DiT(nnx.Module):
                num_layers: int, cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                time_conditioning: bool = False, mask_logit_in_head: Optional[bool] = None,
                scan_layers: bool = False, remat: bool = False, dtype=jnp.float32,
-               head_init_scale: float = 0.0, adaln_init_scale: float = 0.0, rope_base: float = 10000.0,
+               head_init_scale: float = 0.0, adaln_init_scale: float = 0.0,
+               rope_base: float = 10000.0,
                distance_bias_slope: float = 0.0, rngs: nnx.Rngs):
     if base**ell < vocab_size:
       raise ValueError(f'base**ell = {base}**{ell} = {base**ell} < vocab_size = {vocab_size}: the '

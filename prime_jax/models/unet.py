@@ -45,8 +45,14 @@ from flax import nnx
 
 from prime_jax.models.dit import timestep_features
 from prime_jax.models.embed import SubtokenEmbed
-from prime_jax.models.layers import (Dense, dropout_key, make_param, ones_init, uniform_init,
-                                     zeros_init)
+from prime_jax.models.layers import (
+  Dense,
+  dropout_key,
+  make_param,
+  ones_init,
+  uniform_init,
+  zeros_init,
+)
 
 LOGICAL_AXIS_NAMES = ('vocab', 'embed', 'mlp', 'conv_h', 'conv_w', 'modulation', 'qkv', 'heads',
                       'out', 'cond', 'cond_in', 'freq')
