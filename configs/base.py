@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.cond_dim = 128
   c.model.mlp_ratio = 4
   c.model.dropout = 0.1
-  c.model.time_conditioning = False  # the reference forces sigma = 0 (SPEC 2.1)
+  c.model.time_conditioning = False  # the reference forces sigma = 0 (method.md §2.1)
   c.model.scan_layers = False
   c.model.remat = False
   c.model.rope_base = 10000.0  # rotary frequencies base**(-2i/H), i < H/2; 10000 = the reference
@@ -56,7 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.init.adaln_scale = 0.0  # adaLN modulation ~ U(±s/sqrt(E)); 0 = zeros (identity blocks)
   c.model.init.head_bias = ''  # 'unigram': start the head at log p(token) of the training data
   c.model.dtype = 'float32'  # compute dtype; parameters stay float32 ('bfloat16' on TPU/GPU)
-  # model.name = 'unet': the discrete UNet (SPEC 8.2); the defaults are the paper's CIFAR-10 model.
+  # model.name = 'unet': the discrete UNet (method.md §8.2); the defaults are the paper's CIFAR-10
+  # model.
   # dropout, time_conditioning, remat and dtype above apply to it too.
   c.model.unet = ml_collections.ConfigDict()
   c.model.unet.model_channels = 96
@@ -139,9 +140,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.fid_ref_images = 0  # images: training images for the FID statistics (0 = all; cached)
   c.sample.inpaint = False  # images: keep the left half of validation images, generate the right
 
-  # The image sampler (SPEC 5.3): the reference's flags, in its flow-matching time u = 1 - t; it
+  # The image sampler (method.md §5.3): the reference's flags, in its flow-matching time u = 1 - t;
+  # it
   # samples the 'poly' schedule. The defaults are the plain sampler; the image configs carry the
-  # paper's tuned rows (SPEC 11.3).
+  # paper's tuned rows (method.md §11.3).
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 512  # NFE grid size
   c.sampler.temperature = (1.0, 0.0, 0.0)  # [a, b', c]: logits / (a u**b' + c)

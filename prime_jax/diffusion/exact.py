@@ -1,6 +1,6 @@
 """Exact expectations by enumeration, for tiny codecs (numpy, float64).
 
-These are the ground truth the objectives are checked against (SPEC 4.3, 13.13):
+These are the ground truth the objectives are checked against (method.md §4.3, 13.13):
 - - every mask pattern of n units (sub-tokens) is enumerated and weighted by its probability at time
   t;
 - the integral over t is Gauss-Legendre quadrature;

@@ -1,4 +1,4 @@
-"""Forward process: diffusion times and independent sub-token masking (SPEC 2.1).
+"""Forward process: diffusion times and independent sub-token masking (method.md §2.1).
 
 Dimension key: B batch, S token grid, K sub-tokens per token.
 """

@@ -1,4 +1,5 @@
-"""The MDM-Prime image samplers (SPEC 5.3): Euler Prime, its per-digit-marginal variant, the logit
+"""The MDM-Prime image samplers (method.md §5.3): Euler Prime, its per-digit-marginal variant, the
+logit
 temperature schedule, the corrector and the timestep map of the reference image code.
 
 Dimension key: B batch, S token grid ((H, W, channels) for images: every colour channel of a pixel
@@ -129,7 +130,7 @@ class ImageSamplerSettings:
   sweeping temperature, corrector or timestep numbers does not recompile.
 
   num_steps:   T, network calls without caching (the reference's --nfe, default 512).
-  schedule_n:  n in alpha(u) = u**n (SPEC 9.2: 3; the super-token run used 2).
+  schedule_n:  n in alpha(u) = u**n (method.md §9.2: 3; the super-token run used 2).
   carry_over:  the per-digit-marginal variant (the reference image code's --carry_over).
   temperature: (a, b', c) of tau(u) = a u**b' + c; None is tau = 1 (exactly the untempered law).
   use_corrector, corrector: the corrector step and (c0, c1, c2).
@@ -189,8 +190,8 @@ class ImageSamplerSettings:
         raise ValueError(
             f'timestep {self.timestep} maps the grid k/T to {np.round(u[:4], 4).tolist()}...'
             f'{np.round(u[-2:], 4).tolist()}, which is not strictly increasing inside [0, 1). '
-            'The identity is (1, 1, 0); the SPEC tables list (1, 0, 0) for runs with the scheduler '
-            'off, which would map every time to 0.')
+            'The identity is (1, 1, 0); the tables of the paper list (1, 0, 0) for runs with the '
+            'scheduler off, which would map every time to 0.')
     return u
 
   def step_tables(self) -> dict[str, np.ndarray]:

@@ -1,9 +1,10 @@
-"""Training objectives and the valid likelihood bound (SPEC 4).
+"""Training objectives and the valid likelihood bound (method.md §4).
 
 Dimension key: B batch, S token grid, K sub-tokens per token, C token classes, b base.
 
 `paper_loss` is the authors' objective: w(t) * -log p(x0 | y_t) with the token-level joint, counted
-once per token. For K > 1 it is NOT an upper bound on -log p(x0) (SPEC 4.3): at the exact posterior
+once per token. For K > 1 it is NOT an upper bound on -log p(x0) (method.md §4.3): at the exact
+posterior
 it undercounts by a weighted total correlation of the masked digits.
 
 `nelbo` is the continuous-time NELBO of masked diffusion over the sub-token sequence: w(t) times the
@@ -41,7 +42,8 @@ def token_nll(log_p: jax.Array, x0: jax.Array) -> jax.Array:
 
 
 def paper_loss(log_p: jax.Array, x0: jax.Array, t: jax.Array, *, schedule) -> jax.Array:
-  """The authors' objective (SPEC 4.1): w(t) * -log p(x0 | y_t), every token, joint over digits."""
+  """The authors' objective (method.md §4.1): w(t) * -log p(x0 | y_t), every token, joint over
+  digits."""
   schedule = schedules_lib.as_schedule(schedule)
   nll = token_nll(log_p, x0)
   return _expand(schedule.weight(t), nll.ndim) * nll
@@ -57,14 +59,16 @@ def masked_digit_nll(log_p: jax.Array, x0: jax.Array, y_t: jax.Array, codec) -> 
 
 def nelbo(log_p: jax.Array, x0: jax.Array, y_t: jax.Array, t: jax.Array, codec, *,
           schedule) -> jax.Array:
-  """The valid bound (SPEC 4.3): w(t) * sum_{masked j} -log marginal_j(digit_j(x0)), per token."""
+  """The valid bound (method.md §4.3): w(t) * sum_{masked j} -log marginal_j(digit_j(x0)), per
+  token."""
   schedule = schedules_lib.as_schedule(schedule)
   nll = masked_digit_nll(log_p, x0, y_t, codec)
   return _expand(schedule.weight(t), nll.ndim) * nll
 
 
 def image_paper_loss(log_p: jax.Array, x0: jax.Array) -> jax.Array:
-  """The reference image training loss (SPEC 4.1): unweighted -log p(x0 | y_t) at every token."""
+  """The reference image training loss (method.md §4.1): unweighted -log p(x0 | y_t) at every
+  token."""
   return token_nll(log_p, x0)
 
 

@@ -1,4 +1,5 @@
-"""From network logits over the C token classes to log p(x0 | y_t) and per-digit marginals (SPEC 3).
+"""From network logits over the C token classes to log p(x0 | y_t) and per-digit marginals
+(method.md §3).
 
 Dimension key:
   B batch, S token grid, K sub-tokens per token, C token classes, b base, N = b**K codes.

@@ -1,4 +1,4 @@
-"""The MDM-Prime ancestral sampler with caching (SPEC 5.1, 6).
+"""The MDM-Prime ancestral sampler with caching (method.md §5.1, 6).
 
 Dimension key: B batch, S token grid, K sub-tokens per token, C token classes.
 
@@ -237,6 +237,7 @@ def _sample_jit(key, cond_tokens, cond_keep, params, *, logits_fn, codec, shape,
 
 def expected_idle_fraction(num_units: int, num_steps: int, t_min: float = 1e-5) -> float:
   """(1 - dt)**num_units with dt = (1 - t_min)/T: each unit changes in a given step of the linear
-  grid with probability exactly dt, independently of the model (SPEC 6). num_units = B * L * K for
+  grid with probability exactly dt, independently of the model (method.md §6). num_units = B * L *
+  K for
   batch-level caching."""
   return (1.0 - (1.0 - t_min) / num_steps)**num_units

@@ -1,4 +1,4 @@
-"""Masking schedules (SPEC 2) in one convention: t = 0 is clean, t = 1 is fully masked.
+"""Masking schedules (method.md §2) in one convention: t = 0 is clean, t = 1 is fully masked.
 
 alpha(t) is the probability that a sub-token is still unmasked at time t. The continuous-time NELBO
 weight is w(t) = -alpha'(t) / (1 - alpha(t)); for the reference text schedule it is exactly 1/t.

@@ -1,4 +1,4 @@
-"""The sub-tokenizer f_ell: token ids <-> ell base-b digits (SPEC 1, 12.2).
+"""The sub-tokenizer f_ell: token ids <-> ell base-b digits (method.md §1, 12.2).
 
 Dimension key:
   B: batch            S: token grid (L,) for text, (H, W, channels) for images

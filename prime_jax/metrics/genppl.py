@@ -1,4 +1,4 @@
-"""Generative perplexity and unigram entropy of generated text (SPEC 7.3, MDLM's protocol).
+"""Generative perplexity and unigram entropy of generated text (method.md §7.3, MDLM's protocol).
 
     scorer = load_scorer('smollm2')                 # offline default (GGUF from the asset cache)
     scorer = load_scorer('gpt2', '/path/gpt2-large')  # the paper's scorer, from a local HF folder
@@ -122,7 +122,7 @@ def _load_gpt2(path: Optional[str]) -> Scorer:
     raise ValueError(
         "load_scorer('gpt2') needs path=<local folder with a Hugging Face GPT-2 checkpoint: "
         'config.json + model.safetensors> (MDLM scores with gpt2-large). No package registry ships '
-        'GPT-2 weights (ASSETS.md): download them where the hub is reachable, e.g. '
+        'GPT-2 weights (docs/assets.md): download them where the hub is reachable, e.g. '
         '`huggingface-cli download openai-community/gpt2-large config.json model.safetensors '
         '--local-dir DIR`, and '
         "pass DIR (--scorer_path DIR), or use the offline scorer 'smollm2'.")

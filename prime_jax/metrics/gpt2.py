@@ -1,7 +1,9 @@
 """GPT-2 causal LM in plain JAX over a params pytree, loaded from a local Hugging Face folder.
 
-This is the reference scorer of MDLM's generative perplexity (gpt2-large, SPEC 7.3). The weights are
-not in any package registry (ASSETS.md), so there is no download here: point `load_gpt2` at a folder
+This is the reference scorer of MDLM's generative perplexity (gpt2-large, method.md §7.3). The
+weights are
+not in any package registry (docs/assets.md), so there is no download here: point `load_gpt2` at a
+folder
 holding `config.json` and `model.safetensors` (any size: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or
 the tiny random model the tests save with `transformers`).
 

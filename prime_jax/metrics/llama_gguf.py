@@ -1,6 +1,6 @@
 """Llama-architecture causal LM from a GGUF file (the offline SmolLM2-135M-Instruct scorer).
 
-ASSETS.md: no registry ships GPT-2 large, so the offline generative-perplexity scorer is
+docs/assets.md: no registry ships GPT-2 large, so the offline generative-perplexity scorer is
 SmolLM2-135M-Instruct as a llama.cpp GGUF (`assets.path('smollm2')`, Q4_1 weights, Q8_0 embedding).
 The `gguf` package reads the file; every tensor is dequantized once to float32 numpy, and the model
 runs in fp32 JAX. Hyperparameters come from the `llama.*` metadata, the tokenizer from
@@ -14,7 +14,8 @@ Dimension key:
 Rotary convention. llama.cpp's converter permutes the HF q/k projection rows so that rotary acts on
 *adjacent pairs* (x[2i], x[2i+1]) with frequency base^(-2i/K) ("interleaved", LLAMA_ROPE_TYPE_NORM).
 We apply exactly that to the GGUF weights. Using HF's half-split rotate-half on these weights
-instead gives a wrong model (ASSETS.md: ~134 instead of ~39 perplexity on a plain English sentence;
+instead gives a wrong model (docs/assets.md: ~134 instead of ~39 perplexity on a plain English
+sentence;
 here 25.3 vs 38.3 on "The cat sat on the mat and looked out of the window at the birds in the
 garden.").
 

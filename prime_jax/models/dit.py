@@ -1,4 +1,5 @@
-"""DiT trunk of MDLM / MDM-Prime text (SPEC 8.1): adaLN blocks, rotary, bidirectional attention.
+"""DiT trunk of MDLM / MDM-Prime text (method.md §8.1): adaLN blocks, rotary, bidirectional
+attention.
 
 Dimension key:
   B: batch    L: tokens    K: sub-tokens per token (ell)    D: model width    N: heads    H: D / N
@@ -72,7 +73,7 @@ _PRESETS = {
 
 
 def preset(name: str) -> dict[str, Any]:
-  """Trunk sizes of the reference configs (SPEC 8.1), as keyword arguments for `DiT`."""
+  """Trunk sizes of the reference configs (method.md §8.1), as keyword arguments for `DiT`."""
   if name not in _PRESETS:
     raise ValueError(f'Unknown DiT preset {name!r}; choose one of {sorted(_PRESETS)}.')
   return dict(_PRESETS[name])

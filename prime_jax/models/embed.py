@@ -1,4 +1,5 @@
-"""Sub-token embedding: one shared (b+1) x (D/K) table, K vectors concatenated per token (SPEC 8.1).
+"""Sub-token embedding: one shared (b+1) x (D/K) table, K vectors concatenated per token (method.md
+§8.1).
 
 Dimension key:
   B: batch    L: tokens    K: sub-tokens per token (ell)    D: model width    E: D / K

@@ -1,4 +1,5 @@
-"""Discrete UNet for images (SPEC 8.2): sub-token pixel embedding, ADM-style trunk, 256-way logits.
+"""Discrete UNet for images (method.md §8.2): sub-token pixel embedding, ADM-style trunk, 256-way
+logits.
 
 Dimension key:
   B: batch    H, W: image height and width (halved at each level)    C: colour channels
@@ -10,7 +11,7 @@ Dimension key:
 Every colour channel of every pixel is one token with V = 256 classes. The K sub-tokens of a token
 are embedded through one shared (b+1) x (E/K) table and concatenated, and the colour tokens of a
 pixel are concatenated after that, so the D0 input features are ordered (colour, digit, feature).
-The trunk is written from the architecture facts of SPEC 8.2 (the reference image code is not
+The trunk is written from the architecture facts of method.md §8.2 (the reference image code is not
 ported): residual blocks GroupNorm -> SiLU -> 3x3 conv -> GroupNorm with FiLM scale/shift -> SiLU ->
 dropout -> zero-init 3x3 conv, plus a 1x1 projection on the skip path when the width changes;
 self-attention (zero-init output projection) after the residual blocks at the chosen downsampling
@@ -59,7 +60,8 @@ LOGICAL_AXIS_NAMES = ('vocab', 'embed', 'mlp', 'conv_h', 'conv_w', 'modulation',
 NUM_VALUES = 256
 
 _PRESETS = {
-    # The reference CIFAR-10 / ImageNet-32 model (SPEC 8.2): widths 288 / 384 / 384 at 32 / 16 / 8.
+    # The reference CIFAR-10 / ImageNet-32 model (method.md §8.2): widths 288 / 384 / 384 at 32 /
+    # 16 / 8.
     'paper': dict(model_channels=96, channel_mult=(3, 4, 4), num_res_blocks=5,
                   attention_resolutions=(2,), head_channels=64, dropout=0.4, norm_groups=32),
     # Fashion-MNIST on a CPU (configs/fashion_mnist.py): 28 -> 14, widths 32 / 64, attention at
@@ -70,7 +72,8 @@ _PRESETS = {
 
 
 def preset(name: str) -> dict[str, Any]:
-  """Trunk sizes as keyword arguments for `UNet`: 'paper' (SPEC 8.2) or 'cpu' (Fashion-MNIST)."""
+  """Trunk sizes as keyword arguments for `UNet`: 'paper' (method.md §8.2) or 'cpu'
+  (Fashion-MNIST)."""
   if name not in _PRESETS:
     raise ValueError(f'Unknown UNet preset {name!r}; choose one of {sorted(_PRESETS)}.')
   return dict(_PRESETS[name])
