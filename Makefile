@@ -18,7 +18,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-# Test-only dependencies (torch CPU wheel and transformers, for parity tests against PyTorch).
+# Test-only dependencies (torch CPU wheel and transformers, for parity tests against PyTorch; ruff).
 $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $(TEST_STAMP)
@@ -31,9 +31,12 @@ assets: setup
 run: assets
 	$(PY) -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu --mode train
 
-# pytest exits 5 when it collected nothing: that must fail, not pass silently. The 15 slowest
-# tests are listed at the end, to keep the suite near its ~20-minute budget.
+# Lint first (ruff: 2-space indent, 100 columns; pyproject.toml). pytest exits 5 when it collected
+# nothing: that must fail, not pass silently; a skipped test fails too (tests/conftest.py). The 15
+# slowest tests are listed at the end, to keep the suite within its ~15-minute budget
+# (`pytest -m "not slow"` leaves out the end-to-end runs while developing).
 test: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m prime_jax.data.assets fetch $(TEST_ASSET_GROUPS)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc

@@ -164,10 +164,20 @@ def test_eval_is_one_pass_and_padding_equalises_hosts():
                                          train=False, shard_index=shard, shard_count=3,
                                          pad_final_batch=True))
     assert all(b['tokens'].shape == (4, 8) and b['mask'].shape == (4,) for b in padded)
+    assert all(b['index'].shape == (4,) and b['index'].dtype == np.int32 for b in padded)
     per_host.append(padded)
   assert len({len(p) for p in per_host}) == 1  # every host runs the same number of steps
   real = [i for p in per_host for b in p for i in b['tokens'][b['mask'], 0].tolist()]
   assert sorted(real) == list(range(10))
+  # Every real row carries its global index in the source (here its token value: evaluation
+  # randomness is keyed on it); padding rows get distinct negative indices.
+  for p in per_host:
+    mask = np.concatenate([b['mask'] for b in p])
+    index = np.concatenate([b['index'] for b in p])
+    np.testing.assert_array_equal(index[mask], np.concatenate([b['tokens'] for b in p])[mask, 0])
+    assert (index[~mask] < 0).all() and len(set(index[~mask].tolist())) == (~mask).sum()
+  assert sum((~np.concatenate([b['mask'] for b in p])).sum() for p in per_host) == 2  # 3 x 4 - 10
+  assert set(batches[0]) == {'tokens'}  # unpadded: no mask, no index
 
 
 def test_worker_processes_give_the_same_batches():

@@ -6,47 +6,60 @@ import os
 import numpy as np
 import pytest
 
-from prime_jax import evaluate, evaluate_images
+from configs import sotu
+from prime_jax import build, evaluate, fid
 from prime_jax import train as train_lib
 from tests.test_images import tiny_config
+
+
+def _fid_config(**overrides):
+  return tiny_config(**{'sampler.num_steps': 4, 'sample.fid_ref_images': 8, **overrides})
 
 
 @pytest.fixture(scope='module')
 def image_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('fid') / 'run')
-  cfg = tiny_config(**{'train.num_steps': 2, 'train.eval_every': 2, 'train.ckpt_every': 2,
-                       'sampler.num_steps': 4})
+  cfg = _fid_config(**{'train.num_steps': 2, 'train.eval_every': 2, 'train.ckpt_every': 2})
   train_lib.train_and_evaluate(cfg, workdir)
   return cfg, workdir
 
 
+@pytest.mark.slow  # trains the micro run (module fixture)
 def test_fid_mode_micro(image_run):
-  cfg, workdir = image_run
-  s = evaluate_images.run_fid(cfg, workdir, num_samples=4, batch_size=2, ref_images=8)
+  _, workdir = image_run
+  exp = build.experiment(_fid_config(**{'sample.num_samples': 4, 'sample.batch_size': 2}))
+  s = fid.run_fid(exp, workdir)
   assert np.isfinite(s['fid']) and s['fid'] > 0
   assert s['num_samples'] == 4 and s['num_steps'] == 4 and 0 < s['nfe_per_batch'] <= 4
   assert s['reference'] == 'fashion_mnist train, 8 images'
-  assert 'unavailable' in s['inception_score']
+  assert 'unavailable' in s['inception_score'] and s['sampler']['precision'] == 'fp64'
   with open(os.path.join(workdir, 'fid_step2_n4_T4.json')) as f:
     assert json.load(f)['fid'] == pytest.approx(s['fid'])
   assert os.path.getsize(s['grid']) > 100
 
 
+@pytest.mark.slow  # trains the micro run (module fixture)
 def test_fid_mode_inpainting_keeps_the_given_half(image_run):
-  cfg, workdir = image_run
-  s = evaluate_images.run_fid(cfg, workdir, num_samples=2, batch_size=2, ref_images=8,
-                              inpaint=True)  # raises if a conditioned pixel changed
-  assert s['inpaint'] and np.isfinite(s['fid'])
+  _, workdir = image_run
+  exp = build.experiment(_fid_config(**{'sample.num_samples': 2, 'sample.batch_size': 2,
+                                        'sample.inpaint': True}))
+  s = fid.run_fid(exp, workdir, step=2)  # raises if a conditioned pixel changed
+  assert s['inpaint'] and np.isfinite(s['fid']) and s['step'] == 2
 
 
+@pytest.mark.slow  # trains the micro run (module fixture)
 def test_image_eval_mode_reports_bpd(image_run):
   cfg, workdir = image_run
-  out = evaluate.run_eval(cfg, workdir)
+  out = evaluate.run_eval(build.experiment(cfg), workdir)
   r = out['results'][0]
   assert 0 < r['bpd'] < 9 and r['bpd'] == pytest.approx(r['nll'] / np.log(2))
+  assert r['weights'] == 'ema' and r['examples'] == 16 and r['step'] == 2
+  with open(os.path.join(workdir, 'eval_step2.json')) as f:
+    assert json.load(f)['results'][0]['bpd'] == pytest.approx(r['bpd'])
 
 
 def test_fid_mode_refuses_text_configs(tmp_path):
-  from tests.test_train import tiny_config as text_config
   with pytest.raises(ValueError, match='needs an image config'):
-    evaluate_images.run_fid(text_config(), str(tmp_path))
+    fid.run_fid(build.experiment(sotu.get_config()), str(tmp_path))
+  with pytest.raises(ValueError, match='at least 2 samples'):
+    fid.run_fid(build.experiment(_fid_config(**{'sample.num_samples': 1})), str(tmp_path))

@@ -193,3 +193,29 @@ def test_smollm2_perplexity_is_sane(smollm2):
   # transformers' own GGUF loader on the same file to 1e-3 in PPL.
   assert ppl[REAL] == pytest.approx(25.27, rel=0.02)
   assert ppl[REAL2] == pytest.approx(15.26, rel=0.02)
+
+
+# ----------------------------------------------------------------------------- --mode sample
+
+
+def test_run_sample_loads_the_scorer_before_sampling(tmp_path, monkeypatch):
+  """A missing or unknown scorer fails at once: before the checkpoint is restored or any sample is
+  drawn (here there is no checkpoint at all)."""
+  from configs import sotu  # pylint: disable=import-outside-toplevel
+  from prime_jax import build, evaluate, sample  # pylint: disable=import-outside-toplevel
+
+  def too_early(*args, **kwargs):
+    del args, kwargs
+    pytest.fail('restored or sampled before the scorer was loaded')
+
+  monkeypatch.setattr(evaluate, 'Restored', too_early)
+  monkeypatch.setattr(sample, 'sample_text', too_early)
+  cfg = sotu.get_config()
+  cfg.unlock()
+  cfg.sample.scorer = 'gpt3'
+  with pytest.raises(ValueError, match='smollm2, gpt2'):
+    sample.run_sample(build.experiment(cfg), str(tmp_path))
+  cfg.sample.scorer = 'gpt2'  # no sample.scorer_path
+  with pytest.raises(ValueError, match='config.json.*model.safetensors'):
+    sample.run_sample(build.experiment(cfg), str(tmp_path))
+  assert list(tmp_path.iterdir()) == []

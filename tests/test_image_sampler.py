@@ -11,9 +11,7 @@ import pytest
 from scipy import stats
 
 from prime_jax.diffusion import image_sampler as im
-from prime_jax.diffusion import parameterization
-from prime_jax.diffusion import schedules
-from prime_jax.diffusion import subtokens
+from prime_jax.diffusion import parameterization, schedules, subtokens
 
 Settings = im.ImageSamplerSettings
 # Models are cached, or take their tables as params, so that tests share compiled samplers
@@ -472,3 +470,33 @@ def test_invalid_codes_with_three_digits_per_pixel():
   assert fixed.max() < 256 and fixed.min() >= 0
   valid = kept < 256
   np.testing.assert_array_equal(fixed[valid], kept[valid])
+
+
+# -- the settings of a config ----------------------------------------------------------------------
+
+
+def test_config_settings_and_only_the_poly_schedule():
+  """build.image_sampler_settings: the config's `sampler` block on its 'poly' schedule, the token
+  draws at sample.precision; any other schedule is refused (the sampler samples alpha = u**n)."""
+  from configs import cifar10  # pylint: disable=import-outside-toplevel
+  from prime_jax import build  # pylint: disable=import-outside-toplevel
+  cfg = cifar10.get_config()
+  st = build.experiment(cfg).image_sampler
+  assert st == build.image_sampler_settings(cfg, schedules.get('poly', n=3.0))
+  assert st == Settings(num_steps=512, schedule_n=3.0, carry_over=True,
+                        temperature=(-0.2, 2.0, 1.0), use_corrector=True,
+                        corrector=(16.0, 2.0, 0.75), use_timestep_scheduler=True,
+                        timestep=(1.0, 1.7, 0.0), precision='fp64')
+  cfg.unlock()
+  cfg.sample.precision, cfg.diffusion.schedule_n = 'fp32_hires', 2.0
+  cfg.sampler.use_timestep_scheduler = False  # the timestep row is then the identity
+  st = build.experiment(cfg).image_sampler
+  assert (st.precision, st.schedule_n, st.timestep) == ('fp32_hires', 2.0, (1.0, 1.0, 0.0))
+  for name, kw in (('loglinear', dict(eps=1e-3)), ('linear', {}), ('cosine', {})):
+    with pytest.raises(ValueError, match=f"'poly'.*{name!r}"):
+      build.image_sampler_settings(cfg, schedules.get(name, **kw))
+  cfg.diffusion.schedule = 'loglinear'
+  with pytest.raises(ValueError, match="diffusion.schedule='loglinear'"):
+    build.experiment(cfg)
+  from configs import sotu  # pylint: disable=import-outside-toplevel
+  assert build.experiment(sotu.get_config()).image_sampler is None  # text: loglinear, no sampler

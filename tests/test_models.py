@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import sotu
+from prime_jax import build, optim
 from prime_jax.diffusion.subtokens import Codec
-from prime_jax.models import dit
+from prime_jax.models import dit, layers
 from prime_jax.models.dit import DiT
 from prime_jax.models.embed import SubtokenEmbed
 
@@ -190,36 +192,80 @@ def test_init_scales_break_the_zero_start(scan):
 
 
 @pytest.mark.parametrize('ell,base', [(2, 18), (1, 300)])
-def test_low_rank_tail_head(ell, base):
-  """head_tail_start=k, head_tail_rank=R: classes >= k get logits (h @ P) @ V. The model's
-  logits equal the features times the full kernel [W, P @ V] plus the bias, the parameter count is
-  D k + D R + R (O - k) + O instead of D O + O, and a unigram prior lands in both biases."""
-  k, R = 100, 4
-  model = DiT(**{**TINY, 'ell': ell, 'base': base}, head_tail_start=k, head_tail_rank=R,
-              head_init_scale=1.0, rngs=nnx.Rngs(0))
-  full = DiT(**{**TINY, 'ell': ell, 'base': base}, rngs=nnx.Rngs(0))
-  O = 300 + int(model.mask_logit_in_head)
-  n = lambda m: sum(np.size(v[...]) for p, v in _params(m)
-                    if p[0] == 'final' and p[1] in ('head', 'tail', 'tail_proj'))
-  D = TINY['dim']
-  assert n(full) == D * O + O and n(model) == D * k + D * R + R * (O - k) + O
-  f = model.final
-  model.final.set_bias(jnp.arange(300, dtype=jnp.float32))
-  head = model.head_params()
-  assert head.kernel.shape == (D, k) and head.tail[0].shape == (D, R)
-  assert head.tail[1].shape == (R, 300 - k)
-  np.testing.assert_array_equal(head.bias, np.arange(300))
-  assert f.tail.bias.shape == (O - k,)
+def test_head_weights_give_the_logits(ell, base):
+  """model.head_weights() = (kernel (D, C), bias (C,)) over the C token classes (without MDLM's
+  mask output), in the compute dtype: the model's logits are the features times the kernel plus
+  the bias, and a unigram prior written with set_bias lands in that bias."""
+  model = DiT(**{**TINY, 'ell': ell, 'base': base}, head_init_scale=1.0, rngs=nnx.Rngs(0))
+  D, C = TINY['dim'], TINY['vocab_size']
+  O = C + int(model.mask_logit_in_head)
+  assert model.final.head.kernel.shape == (D, O) and model.final.head.bias.shape == (O,)
+  model.final.set_bias(jnp.arange(C, dtype=jnp.float32))
+  kernel, bias = model.head_weights()
+  assert kernel.shape == (D, C) and bias.shape == (C,)
+  assert kernel.dtype == bias.dtype == jnp.float32
+  np.testing.assert_array_equal(kernel, np.asarray(model.final.head.kernel[...])[:, :C])
+  np.testing.assert_array_equal(bias, np.arange(C))
+  assert float(jnp.abs(kernel).max()) > 0  # drawn, not zero
   y = jax.random.randint(jax.random.key(0), (B, L, ell), 0, base + 1)
   h = nnx.jit(lambda m: m.features(y))(model)
-  W = jnp.concatenate([head.kernel, head.tail[0] @ head.tail[1]], axis=1)
-  np.testing.assert_allclose(_run(model, y), jnp.einsum('bld,dc->blc', h, W) + head.bias,
+  np.testing.assert_allclose(_run(model, y), jnp.einsum('bld,dc->blc', h, kernel) + bias,
                              rtol=1e-4, atol=1e-4)
-  assert float(jnp.abs(f.tail.kernel[...]).max()) > 0  # drawn like the head kernel
-  for bad in (dict(head_tail_start=0, head_tail_rank=4), dict(head_tail_start=O, head_tail_rank=4),
-              dict(head_tail_start=10, head_tail_rank=0)):
-    with pytest.raises(ValueError, match='tail'):
-      DiT(**{**TINY, 'ell': ell, 'base': base}, **bad, rngs=nnx.Rngs(0))
+  kernel16, bias16 = _tiny(dtype=jnp.bfloat16).head_weights()
+  assert kernel16.dtype == bias16.dtype == jnp.bfloat16
+  assert kernel16.shape == (D, C) and bias16.shape == (C,)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_output_head_is_declared_as_head_param(scan):
+  """The DiT declares its output head with the parameter type models.layers.HeadParam: exactly
+  final.head.kernel and final.head.bias, nothing else (the optimizer's head group is this type,
+  never a parameter name)."""
+  model = _tiny(scan_layers=scan)
+  typed = {path for path, var in _params(model) if isinstance(var, layers.HeadParam)}
+  assert typed == {('final', 'head', 'kernel'), ('final', 'head', 'bias')}
+  head_state = nnx.to_flat_state(nnx.state(model, layers.HeadParam))
+  assert {path for path, _ in head_state} == typed
+  assert issubclass(layers.HeadParam, nnx.Param)  # still trained, sharded and saved as a Param
+  labels = nnx.to_flat_state(optim.head_labels(nnx.state(model, nnx.Param)))
+  assert {path for path, label in labels if label == 'head'} == typed
+  assert {label for _, label in labels} == {'head', 'trunk'}
+  # Re-initialising the head kernel keeps its type.
+  drawn = _tiny(scan_layers=scan, head_init_scale=0.5)
+  assert {path for path, var in _params(drawn) if isinstance(var, layers.HeadParam)} == typed
+
+
+def test_config_fields_reach_the_model():
+  """build.experiment(cfg).make_model builds the DiT of the config: model.init.head_scale and
+  model.init.adaln_scale draw the head and adaLN kernels (0 leaves them zero), the other fields
+  set its shape."""
+  cfg = sotu.get_config()
+  assert 'head_init_scale' not in cfg.model and 'adaln_init_scale' not in cfg.model
+  assert 'head_bias_init' not in cfg.model
+  cfg.model.num_layers = 1
+  cfg.model.init.head_scale = 0.5
+  cfg.model.init.adaln_scale = 2.0
+  exp = build.experiment(cfg)
+  model = exp.make_model(rngs=nnx.Rngs(0))
+  D, E = cfg.model.dim, cfg.model.cond_dim
+  assert isinstance(model, DiT) and model.vocab_size == exp.codec.vocab_size
+  assert model.ell == exp.codec.ell == cfg.diffusion.ell and len(model.blocks) == 1
+  assert model.final.head.kernel.shape == (D, exp.codec.vocab_size)
+  kernel = np.asarray(model.final.head.kernel[...])
+  bound = 0.5 / np.sqrt(D)
+  assert kernel.std() > 0.3 * bound and np.abs(kernel).max() <= bound
+  assert not np.asarray(model.final.head.bias[...]).any()
+  adaln = np.asarray(model.final.adaln.kernel[...])
+  bound = 2.0 / np.sqrt(E)
+  assert adaln.std() > 0.3 * bound and np.abs(adaln).max() <= bound
+  cfg.model.init.head_scale = 0.0
+  cfg.model.init.adaln_scale = 0.0
+  zero = build.experiment(cfg).make_model(rngs=nnx.Rngs(0))
+  assert not np.asarray(zero.final.head.kernel[...]).any()
+  assert not np.asarray(zero.final.adaln.kernel[...]).any()
+  cfg.model.init.head_bias = 'zeros'
+  with pytest.raises(ValueError, match='model.init.head_bias'):
+    build.experiment(cfg)
 
 
 def test_mask_logit_in_head():

@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from prime_jax.diffusion import parameterization
-from prime_jax.diffusion import samplers
-from prime_jax.diffusion import schedules
-from prime_jax.diffusion import subtokens
+from prime_jax.diffusion import parameterization, samplers, schedules, subtokens
 
 
 def table_model(codec, L, seed=0, scale=2.0):
-  """A random but fixed model: logits for every token are a table lookup of the whole noisy state."""
+  """A random but fixed model: logits for every token are a table lookup of the whole noisy
+  state."""
   n = L * codec.ell
   assert (codec.base + 1)**n <= 2**16, 'keep the state table small'
   table = scale * np.random.default_rng(seed).normal(size=((codec.base + 1)**n, L,

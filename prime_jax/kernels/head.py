@@ -266,6 +266,10 @@ def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0
   """
   B, L, D = h_BxLxD.shape
   N, K = B * L, codec.ell
+  if kernel_DxC.shape != (D, codec.vocab_size) or bias_C.shape != (codec.vocab_size,):
+    raise ValueError(f'The head kernel {kernel_DxC.shape} and bias {bias_C.shape} must be '
+                     f'({D}, {codec.vocab_size}) and ({codec.vocab_size},): the features\' width '
+                     "and the codec's classes.")
   w_N = jnp.broadcast_to(jnp.asarray(w_B, jnp.float32)[:, None], (B, L)).reshape(-1)
   h_NxD = h_BxLxD.reshape(N, D)
   x0_N = jnp.asarray(x0_BxL).reshape(-1).astype(jnp.int32)

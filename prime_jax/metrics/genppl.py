@@ -125,7 +125,7 @@ def _load_gpt2(path: Optional[str]) -> Scorer:
         'GPT-2 weights (docs/assets.md): download them where the hub is reachable, e.g. '
         '`huggingface-cli download openai-community/gpt2-large config.json model.safetensors '
         '--local-dir DIR`, and '
-        "pass DIR (--scorer_path DIR), or use the offline scorer 'smollm2'.")
+        "set --config.sample.scorer_path=DIR, or use the offline scorer 'smollm2'.")
   cfg, params = gpt2.load_gpt2(path)
   if cfg.vocab_size < VOCAB_SIZE:
     raise ValueError(f'{path}: vocab_size {cfg.vocab_size} < {VOCAB_SIZE}; the GPT-2 scorer needs '
