@@ -5,7 +5,8 @@
 
 The model is a randomly initialised DiT (the head is perturbed so predictions are not uniform); the
 sampler's cost does not depend on what the weights have learnt, only its idle-step statistics do
-not either (SPEC 6). The reference PyTorch sampler draws C fp64 uniforms per position per step.
+not either (method.md §6). The reference PyTorch sampler draws C fp64 uniforms per position per
+step.
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def main():
         jax.block_until_ready(out.tokens)
         times.append(time.time() - t0)
       best = min(times)
+      expected = samplers.expected_idle_fraction(args.batch * args.length * args.ell, args.steps)
       print(f'  {precision:>10s} cache={str(cache):5s}: {args.batch / best:7.3f} samples/s '
             f'({best / args.steps * 1e3:7.1f} ms/step), NFE {int(out.nfe)}, idle steps '
             f'{int(out.idle_steps)}/{args.steps} (expected idle fraction '
-            f'{samplers.expected_idle_fraction(args.batch * args.length * args.ell, args.steps):.4f})'
+            f'{expected:.4f})'
             f', first call incl. compile {compile_s:.1f} s')
 
 

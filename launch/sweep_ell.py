@@ -4,8 +4,8 @@
 
 For each ℓ (same steps, batch and seed): train in WORKDIR/ell{ℓ} (resumes; a finished run is not
 retrained), evaluate the valid bound on the whole validation split, draw samples one sequence at a
-time at T = L steps (so the idle-step fraction is per sequence, as in SPEC 6), score them with the
-offline proxy scorer, and time the train step on synthetic batches. Writes WORKDIR/sweep.json,
+time at T = L steps (so the idle-step fraction is per sequence, as in method.md §6), score them with
+the offline proxy scorer, and time the train step on synthetic batches. Writes WORKDIR/sweep.json,
 WORKDIR/sweep.md (the table) and WORKDIR/sweep.png. `--set key=value` overrides config fields for
 every ℓ (the tests use it for a micro run).
 """
@@ -45,9 +45,11 @@ def load_config(path: str, ell: int, overrides: list[str]):
 
 def run_one(cfg, workdir: str, *, num_samples: int, scorer: str, bench_steps: int,
             eval_batches: int = 0) -> dict:
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from prime_jax import bench, evaluate, train  # pylint: disable=import-outside-toplevel
+
+  from prime_jax import bench, build, evaluate, report, sample, train  # pylint: disable=import-outside-toplevel
   from prime_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
 
   ell = cfg.diffusion.ell
@@ -60,23 +62,26 @@ def run_one(cfg, workdir: str, *, num_samples: int, scorer: str, bench_steps: in
   t0 = time.time()
   summary = train.train_and_evaluate(cfg, workdir)
   train_wall = time.time() - t0
-  r = evaluate.Restored(cfg, workdir)
-  ev = evaluate.Evaluator(cfg, r.mesh, r.graphdef, r.param_shardings, r.task)
+  exp = build.experiment(cfg)
+  r = evaluate.Restored(exp, workdir)
+  ev = evaluate.Evaluator(exp, r.mesh, r.graphdef, r.param_shardings, r.task)
   t0 = time.time()
   res = ev.run(r.params, num_batches=eval_batches, progress=True)
   eval_wall = time.time() - t0
-  print('[sweep] ' + evaluate.format_result(res), flush=True)
-  L = cfg.data.seq_len
-  records, samp = evaluate.sample_text(cfg, r.graphdef, r.params, num_samples=num_samples,
-                                       batch_size=1, steps=L, precision='fp64', cache=True,
-                                       seed=0, progress=True)
+  print('[sweep] ' + report.format_result(res), flush=True)
+  L = exp.data.seq_len
+  records, samp = sample.sample_text(exp.data, r.task, r.graphdef, r.params,
+                                     num_samples=num_samples, batch_size=1, steps=L,
+                                     precision='fp64', cache=True, seed=0,
+                                     split=exp.eval.split, progress=True)
   with open(os.path.join(workdir, f'sweep_samples_T{L}.jsonl'), 'w') as f:
     for rec in records:
       f.write(json.dumps(rec) + '\n')
-  gen = evaluate.score_samples([rec['text'] for rec in records], scorer) if scorer else {}
-  b = bench.run(cfg, steps=bench_steps)
+  gen = sample.score_samples([rec['text'] for rec in records], scorer) if scorer else {}
+  b = bench.run(dataclasses.replace(exp, loop=dataclasses.replace(exp.loop,
+                                                                  bench_steps=bench_steps)))
   row = dict(ell=ell, base=r.codec.base, params=int(summary.get('params', 0)) or None,
-             steps=cfg.train.num_steps, batch=cfg.data.batch_size, seq_len=L,
+             steps=exp.loop.num_steps, batch=exp.data.batch_size, seq_len=L,
              nll=res['nll'], ppl_bound=res['ppl_bound'], paper_objective=res['paper_objective'],
              eval_tokens=res['tokens'], gen_ppl=gen.get('gen_ppl'), scorer=gen.get('scorer'),
              entropy_bits=gen.get('entropy_bits'), num_samples=num_samples,

@@ -5,8 +5,8 @@ shell-quoted) and nothing runs; otherwise they run in order and the first failur
 
 Multi-host: a pod slice (v4-32, v5litepod-64, ...) runs one Python process per host. `run` starts
 the same command on every worker at once (--worker=all) with PRIME_JAX_DISTRIBUTED=1, on which
-prime_jax.main calls jax.distributed.initialize() (JAX reads the coordinator and process ids from the
-TPU VM metadata), so nothing differs between workers.
+prime_jax.main calls jax.distributed.initialize() (JAX reads the coordinator and process ids from
+the TPU VM metadata), so nothing differs between workers.
 
 Python: TPU images ship the system Python (3.8-3.10), but prime_jax needs 3.11. `setup` installs uv
 with the system pip, lets uv download a standalone CPython 3.11 (needs internet on the workers) and
@@ -152,7 +152,8 @@ def run_commands(args, extra: list[str]) -> list[list[str]]:
     f'if [ -f {PID_FILE} ] && kill -0 "$(cat {PID_FILE})" 2>/dev/null; then '
     f'echo "prime_jax already running (pid $(cat {PID_FILE})); use the stop subcommand" >&2; '
     'exit 1; fi && '
-    f'(PRIME_JAX_DISTRIBUTED=1 nohup {shlex.join(main)} > {LOG_FILE} 2>&1 < /dev/null & echo $! > {PID_FILE})')
+    f'(PRIME_JAX_DISTRIBUTED=1 nohup {shlex.join(main)} > {LOG_FILE} 2>&1 < /dev/null '
+    f'& echo $! > {PID_FILE})')
   return [_ssh(args, 'all', remote)]
 
 

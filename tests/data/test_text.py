@@ -1,4 +1,4 @@
-"""prime_jax.data: assets, GPT-2 tokenizer, MDLM wrapping (SPEC 10), corpora, grain pipelines.
+"""prime_jax.data: assets, GPT-2 tokenizer, MDLM wrapping (method.md §10), corpora, grain pipelines.
 
 Runs after `python -m prime_jax.data.assets fetch text` (the real tokenizer, SOTU and Moby-Dick).
 """

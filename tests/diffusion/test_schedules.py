@@ -1,4 +1,4 @@
-"""Schedules and the forward process (SPEC 2, 13.8, 13.9)."""
+"""Schedules and the forward process (method.md §2, 13.8, 13.9)."""
 
 import jax
 import jax.numpy as jnp

@@ -72,7 +72,8 @@ def test_paper_only_skips_nelbo():
 
 
 @pytest.mark.parametrize('ell,compaction', [
-    (1, None), (2, head.Compaction(single=0.0, full=0.3)), (2, head.Compaction(single=0.3, full=0.3))])
+    (1, None), (2, head.Compaction(single=0.0, full=0.3)),
+    (2, head.Compaction(single=0.3, full=0.3))])
 def test_kernel_must_cover_the_codec_classes(ell, compaction):
   """The kernel is (D, C) and the bias (C,) for the codec's C classes exactly: a head with an
   extra (mask) output, a missing class or a transposed kernel is refused, compacted or not."""

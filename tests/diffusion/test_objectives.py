@@ -1,7 +1,7 @@
-"""The objectives against exact enumeration (SPEC 4.3, 13.10-13.13).
+"""The objectives against exact enumeration (method.md §4.3, 13.10-13.13).
 
-Every mask pattern of a token (or of a 2-token sequence) is enumerated, the JAX objectives are evaluated
-on all of them at once, and the time integral is Gauss-Legendre quadrature.
+Every mask pattern of a token (or of a 2-token sequence) is enumerated, the JAX objectives are
+evaluated on all of them at once, and the time integral is Gauss-Legendre quadrature.
 """
 
 import itertools
@@ -12,12 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prime_jax.diffusion import exact
-from prime_jax.diffusion import forward
-from prime_jax.diffusion import objectives
-from prime_jax.diffusion import parameterization
-from prime_jax.diffusion import schedules
-from prime_jax.diffusion import subtokens
+from prime_jax.diffusion import exact, forward, objectives, parameterization, schedules, subtokens
 
 LINEAR = schedules.get('linear')
 
@@ -142,7 +137,8 @@ def test_nelbo_bounds_a_random_models_own_nll(C, ell, L, carry_over):
 
 
 def test_ell1_equals_mdlm_subs():
-  """SPEC 13.10: with K = 1 both objectives are MDLM's: -log softmax(x0)/t if masked, else 0."""
+  """method.md §13.10: with K = 1 both objectives are MDLM's: -log softmax(x0)/t if masked, else
+  0."""
   codec = subtokens.Codec(50, 1)
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(4, 8, 50)) * 3)
@@ -160,10 +156,11 @@ def test_ell1_equals_mdlm_subs():
 
 
 def test_loss_at_initialisation():
-  """SPEC 13.11: uniform logits, t ~ U(1e-3, 1), loglinear masking (exact integral over t)."""
+  """method.md §13.11: uniform logits, t ~ U(1e-3, 1), loglinear masking (exact integral over t)."""
   sched = schedules.get('loglinear')
   C = 50257
-  for ell, carry_over, key, expected in [(1, True, 'nelbo', 10.81408), (2, False, 'paper', 74.85065)]:
+  cases = [(1, True, 'nelbo', 10.81408), (2, False, 'paper', 74.85065)]
+  for ell, carry_over, key, expected in cases:
     codec = subtokens.Codec(C, ell)
     x0 = np.array([12345])
     pats = exact.mask_patterns(ell)
@@ -210,7 +207,6 @@ def test_nelbo_jit_matches_eager_and_has_finite_gradients():
   rng = np.random.default_rng(1)
   x0 = jnp.asarray(rng.integers(0, 20, size=(3, 6)))
   key = jax.random.key(0)
-  from prime_jax.diffusion import forward
   t = forward.sample_times(key, 3)
   y_t = forward.mask(jax.random.key(1), codec.encode(x0), t, schedule='loglinear',
                      mask_id=codec.mask_id)

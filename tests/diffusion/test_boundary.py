@@ -1,4 +1,5 @@
-"""Dependency rule (DESIGN.md): prime_jax.diffusion imports only jax, numpy and the stdlib."""
+"""Dependency rule: prime_jax.diffusion imports only jax, numpy and the stdlib (the package-wide
+rules are in tests/test_architecture.py)."""
 
 import ast
 import pathlib

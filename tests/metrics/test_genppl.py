@@ -1,9 +1,9 @@
-"""Generative-perplexity scorers (SPEC 7.3): the MDLM counting rules, GPT-2 parity with PyTorch
-`transformers`, and the offline SmolLM2 GGUF scorer (tokenizer and sanity of its perplexities).
+"""Generative-perplexity scorers (method.md §7.3): the MDLM counting rules, GPT-2 parity with
+PyTorch `transformers`, and the offline SmolLM2 GGUF scorer (tokenizer and sanity of its
+perplexities).
 
-The GPT-2 test needs the test-only deps in requirements-test.txt (torch, transformers) and skips
-without them; the SmolLM2 tests need `python -m prime_jax.data.assets fetch scorer` and skip
-without it.
+The GPT-2 test needs the test-only deps in requirements-test.txt (torch, transformers); the SmolLM2
+tests need `python -m prime_jax.data.assets fetch scorer`. `make test` provides both (a skip fails).
 """
 
 import math

@@ -1,4 +1,5 @@
-"""Codec (SPEC 1, 12.2, 13.1-13.4, 13.20): values, round trips, shuffling, errors, identity."""
+"""Codec (method.md §1, 12.2, 13.1-13.4, 13.20): values, round trips, shuffling, errors,
+identity."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The Prime ancestral sampler with fake logits functions (SPEC 5.1, 6, 13.14-13.17)."""
+"""The Prime ancestral sampler with fake logits functions (method.md §5.1, 6, 13.14-13.17)."""
 
 import itertools
 
@@ -219,7 +219,7 @@ def test_carry_over_never_decodes_invalid_ids_under_adversarial_logits():
   with_co = samplers.sample(jax.random.key(0), fn, codec, carry_over=True, **kw).tokens
   without = samplers.sample(jax.random.key(0), fn, codec, carry_over=False, **kw).tokens
   assert int(with_co.max()) < 20
-  assert int(without.max()) >= 20  # expected behaviour without carry-over (SPEC 3.3, 13.16)
+  assert int(without.max()) >= 20  # expected behaviour without carry-over (method.md §3.3, 13.16)
 
 
 def test_condition_is_kept():
@@ -236,7 +236,7 @@ def test_condition_is_kept():
 
 
 def test_idle_fraction_matches_closed_form():
-  """SPEC 6 / 13.14: P(step idle) = (1 - dt)**(L*K) for any model; here L*K = 48, T = 48."""
+  """method.md §6 / 13.14: P(step idle) = (1 - dt)**(L*K) for any model; here L*K = 48, T = 48."""
   codec = subtokens.Codec(50, 2)
   fn, _ = table_model(codec, L=1)
   L, T, runs = 24, 48, 400

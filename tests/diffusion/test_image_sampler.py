@@ -1,4 +1,5 @@
-"""The reference image samplers (SPEC 5.3) with fake logits functions: exact chains, invariants."""
+"""The reference image samplers (method.md §5.3) with fake logits functions: exact chains,
+invariants."""
 
 import dataclasses
 import functools

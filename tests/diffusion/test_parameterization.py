@@ -1,4 +1,4 @@
-"""Carry-over filter and digit marginals (SPEC 3, 13.5-13.7, 13.21)."""
+"""Carry-over filter and digit marginals (method.md §3, 13.5-13.7, 13.21)."""
 
 import itertools
 
@@ -85,7 +85,7 @@ def test_carry_over_normalization(codec, x64):
     np.testing.assert_allclose(np.asarray(log_p)[masked], plain[masked], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(_log_probs(logits, y_t, codec, carry_over=False)),
                                   plain)
-    # SPEC 13.7: filtering raises log p(x0) by exactly -log sum_{consistent} softmax.
+    # method.md §13.7: filtering raises log p(x0) by exactly -log sum_{consistent} softmax.
     plain0 = np.take_along_axis(plain, np.asarray(x0)[:, None], -1)[:, 0]
     assert (log_p0 >= plain0).all()
     mass = logsumexp(np.where(cons, plain.astype(np.float64), -np.inf), axis=-1)
@@ -140,7 +140,8 @@ def test_digit_marginals_brute_force(codec):
 
 
 def test_digit_marginals_uniform_gpt2():
-  """Uniform over the 50257 classes: digit counts of SPEC 1.1; first digit 224 never occurs."""
+  """Uniform over the 50257 classes: digit counts of method.md §1.1; first digit 224 never
+  occurs."""
   marg = np.exp(np.asarray(_marginals(np.full(50257, -np.log(50257), np.float32), GPT2),
                            np.float64))
   expected_first = np.r_[np.full(223, 225), 82, 0] / 50257
@@ -153,7 +154,8 @@ def test_digit_marginals_uniform_gpt2():
 @pytest.mark.parametrize('codec', [Codec(16, 4), Codec(256, 2), Codec(16, 4, shuffle_seed=2)],
                          ids=repr)
 def test_digit_marginals_factorized_joint(codec):
-  """SPEC 13.21: marginals of a product of digit distributions recover the factors and the joint."""
+  """method.md §13.21: marginals of a product of digit distributions recover the factors and the
+  joint."""
   assert codec.num_invalid == 0
   with jax.enable_x64(True):
     log_q = _log_softmax_np(_normal(5, (3, codec.ell, codec.base), 1.0, np.float64))

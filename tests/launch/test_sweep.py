@@ -1,4 +1,5 @@
-"""launch/sweep_ell.py end to end on a micro config: trains, evaluates, samples, tabulates, plots."""
+"""launch/sweep_ell.py end to end on a micro config: trains, evaluates, samples, tabulates,
+plots."""
 
 import json
 import os

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TPU = REPO / 'launch' / 'tpu.py'
 GPU = REPO / 'launch' / 'gpu.py'
 SCOPE = ['--name', 'my-tpu', '--zone', 'us-central2-b']

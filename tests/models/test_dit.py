@@ -1,4 +1,4 @@
-"""Models: sub-token embedding and the DiT trunk (SPEC 8.1, 13.18, 13.19)."""
+"""Models: sub-token embedding and the DiT trunk (method.md §8.1, 13.18, 13.19)."""
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +136,7 @@ def test_mdlm_embedding_has_mask_row():
 
 
 # ------------------------------------------------------------------------------------------------
-# Initialisation (SPEC 13.19), shapes, dtypes
+# Initialisation (method.md §13.19), shapes, dtypes
 # ------------------------------------------------------------------------------------------------
 
 
@@ -431,7 +431,8 @@ def test_rope_base_reaches_the_attention():
 
 
 def test_distance_bias_is_symmetric_alibi():
-  """Head n adds -slope * 2**(-8n/N) * |i - j| to its logits: ALiBi's slopes at slope = 2**(-8/N)."""
+  """Head n adds -slope * 2**(-8n/N) * |i - j| to its logits: ALiBi's slopes at slope =
+  2**(-8/N)."""
   bias = np.asarray(dit.distance_bias(6, 4, 0.25))
   assert bias.shape == (1, 4, 6, 6)
   dist = np.abs(np.arange(6)[:, None] - np.arange(6)[None, :])

@@ -1,4 +1,5 @@
-"""The discrete UNet (SPEC 8.2): paper parameter counts, shapes, init, embedding order, time."""
+"""The discrete UNet (method.md §8.2): paper parameter counts, shapes, init, embedding order,
+time."""
 
 import functools
 import math
@@ -52,7 +53,8 @@ def call(model, y, sigma=None, *, deterministic=True, rngs=None):
 
 @pytest.mark.parametrize('ell,expected', [(1, 113_997_315), (2, 113_965_680), (4, 113_964_984)])
 def test_paper_parameter_counts(ell, expected):
-  """SPEC 8.2, counted on abstract shapes (nothing allocated). ell = 1 is MDM (257-way output)."""
+  """method.md §8.2, counted on abstract shapes (nothing allocated). ell = 1 is MDM (257-way
+  output)."""
   codec = subtokens.Codec(256, ell)
   assert unet.count_params(base=codec.base, ell=ell, **unet.preset('paper')) == expected
 
@@ -129,7 +131,7 @@ def test_time_independent_by_default_and_time_conditioned_on_request():
   assert np.abs(np.asarray(a - b)).max() > 1e-4
   with pytest.raises(ValueError, match='sigma'):
     call(timed, y)
-  # The constant FiLM vector is 2 * D parameters per block (SPEC 8.2), no time MLP.
+  # The constant FiLM vector is 2 * D parameters per block (method.md §8.2), no time MLP.
   assert model.down[0].res.film.shape == (2 * 24,) and not hasattr(model, 'time_fc1')
 
 
