@@ -89,6 +89,7 @@ def test_eval_independent_of_mesh_and_batch(trained):
     np.testing.assert_array_equal(s.counts_C, s1.counts_C)
 
 
+@pytest.mark.slow  # the whole SOTU validation split
 def test_whole_split_counts_every_real_token_once(trained):
   cfg, workdir = trained
   exp = experiment()

@@ -41,6 +41,7 @@ def tiny_config(**overrides):
   return cfg
 
 
+@pytest.mark.slow  # compiles and trains the UNet
 def test_fashion_mnist_training_steps_and_bits_per_dim(tmp_path, capsys):
   cfg = tiny_config()
   exp = build.experiment(cfg)

@@ -97,6 +97,7 @@ def test_model_dim_not_divisible_by_ell():
     trainer(tiny_config(**{'diffusion.ell': 3}))
 
 
+@pytest.mark.slow  # real runs through main.py
 def test_real_sotu_training_steps_checkpoint_and_remesh(tmp_path):
   cfg = tiny_config()
   summary = train_lib.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:1])
@@ -146,6 +147,7 @@ def _losses(workdir):
   return out
 
 
+@pytest.mark.slow  # real runs through main.py
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
   steps = 14
   ref = _launch(tmp_path / 'ref', steps)

@@ -4,9 +4,12 @@ plots."""
 import json
 import os
 
+import pytest
+
 from launch import sweep_ell
 
 
+@pytest.mark.slow  # trains and evaluates three micro runs
 def test_sweep_micro(tmp_path):
   workdir = str(tmp_path / 'sweep')
   rc = sweep_ell.main([
