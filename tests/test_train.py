@@ -1,6 +1,7 @@
 """End-to-end training: sharded step == single device, real SOTU steps, kill + resume,
 re-meshing."""
 
+import functools
 import json
 import os
 import signal
@@ -210,10 +211,12 @@ def test_training_loss_is_what_the_step_differentiates():
   tr = trainer(tiny_config(), jax.devices()[:1])
   state = tr.init_state()
   key = jax.random.key(5)
-  loss, aux = losses.training_loss(state.params, tr.graphdef, batch, key, tr.task)
+  loss, aux = jax.jit(losses.training_loss, static_argnums=(1, 4))(
+      state.params, tr.graphdef, batch, key, tr.task)
   t_B, y_t, k_drop = losses.noisy_batch(batch, key, tr.task)
-  per_token = losses.per_token_losses(state.params, tr.graphdef, batch, t_B, y_t, tr.task,
-                                      train=True, dropout_key=k_drop)
+  per_token = jax.jit(functools.partial(losses.per_token_losses, graphdef=tr.graphdef,
+                                        task=tr.task, train=True))(
+      state.params, x0_BxS=batch, t_B=t_B, y_t=y_t, dropout_key=k_drop)
   np.testing.assert_allclose(loss, objectives.token_mean(per_token['nelbo']), rtol=1e-6)
   for k in ('nelbo', 'paper'):
     np.testing.assert_allclose(aux[k], objectives.token_mean(per_token[k]), rtol=1e-6)

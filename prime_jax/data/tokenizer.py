@@ -69,9 +69,6 @@ class Tokenizer:
     check_ids(ids, VOCAB_SIZE)
     return self._enc.decode(ids.tolist(), errors='replace')
 
-  def decode_batch(self, ids_NxL: np.ndarray) -> list[str]:
-    return [self.decode(row) for row in np.asarray(ids_NxL)]
-
 
 def check_ids(ids: np.ndarray, vocab_size: int, *, where: str = 'token ids') -> None:
   """Raise if any id is outside [0, vocab_size): silent clamping would corrupt the data."""
