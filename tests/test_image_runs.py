@@ -32,12 +32,7 @@ def tiny_config(**overrides):
   cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule = 1e-2, 0, 'constant'
   cfg.optim.ema_decay = 0.0  # the EMA is the last parameters: evaluate what was trained
   cfg.model.dropout = 0.1
-  for k, v in overrides.items():
-    node = cfg
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
+  cfg.update_from_flattened_dict(overrides)
   return cfg
 
 

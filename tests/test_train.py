@@ -33,12 +33,7 @@ def tiny_config(**overrides):
   cfg.train.ckpt_every = 3
   cfg.optim.warmup_steps = 2
   cfg.mesh.data = -1
-  for k, v in overrides.items():
-    node = cfg
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
+  cfg.update_from_flattened_dict(overrides)
   return cfg
 
 
