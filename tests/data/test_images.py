@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from configs import cifar10, fashion_mnist, imagenet32
-from prime_jax import build
 from prime_jax.data import images
 from prime_jax.models import unet
 
@@ -186,11 +185,3 @@ def test_paper_configs():
     want = unet.preset(name)
     assert want.pop('dropout') == cfg.model.dropout
     assert {k: cfg.model.unet[k] for k in want} == want
-
-
-def test_model_and_data_must_agree():
-  cfg = fashion_mnist.get_config()
-  cfg.unlock()
-  cfg.data.source = 'sotu'
-  with pytest.raises(ValueError, match='does not fit'):
-    build.experiment(cfg)
