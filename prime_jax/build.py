@@ -319,5 +319,21 @@ def experiment(cfg: ml_collections.ConfigDict) -> Experiment:
                    objective=d.objective, carry_over=bool(d.carry_over)))
 
 
+def abstract_params(make_model):
+  """(graphdef, abstract params, logical PartitionSpecs) without allocating anything."""
+  abstract = nnx.eval_shape(lambda: make_model(rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  return graphdef, params, nnx.get_partition_spec(params)
+
+
+def sharded_abstract_params(make_model, mesh):
+  """(graphdef, abstract params carrying their NamedShardings on `mesh`, those shardings)."""
+  graphdef, params, logical = abstract_params(make_model)
+  shardings = sharding_lib.shardings_for(logical, params, mesh)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                        shardings)
+  return graphdef, params, shardings
+
+
 def count_params(abs_params) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params)))

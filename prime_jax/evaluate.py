@@ -274,12 +274,8 @@ class Restored:
     self.mesh = exp.mesh(devices)
     self.task = exp.task_on(self.mesh)
     self.codec = self.task.codec
-    model = nnx.eval_shape(lambda: exp.make_model(rngs=nnx.Rngs(0)))
-    self.graphdef, abs_params = nnx.split(model, nnx.Param)
-    self.param_shardings = sharding_lib.shardings_for(nnx.get_partition_spec(abs_params),
-                                                      abs_params, self.mesh)
-    abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abs_params, self.param_shardings)
+    self.graphdef, abs_params, self.param_shardings = build.sharded_abstract_params(
+        exp.make_model, self.mesh)
     self.use_ema = exp.eval.use_ema
     self.params, self.step = checkpoint_lib.restore_params(
         workdir, abs_params, step=step, which='ema' if self.use_ema else 'params')

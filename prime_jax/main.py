@@ -23,10 +23,10 @@ _STEP = flags.DEFINE_integer('step', None, 'eval / sample / fid: the checkpoint 
 
 def run(cfg, mode: str, workdir: str, step=None):
   from prime_jax import build  # pylint: disable=import-outside-toplevel
+  exp = build.experiment(cfg)  # a config that cannot run stops here, before anything starts
   if mode == 'train':
     from prime_jax import report, train  # pylint: disable=import-outside-toplevel
     summary = train.train_and_evaluate(cfg, workdir)
-    exp = build.experiment(cfg)
     baseline, error = None, None
     if not exp.task.image:
       try:
@@ -36,7 +36,6 @@ def run(cfg, mode: str, workdir: str, step=None):
     report.print_summary(workdir, summary, source=exp.data.source, ell=exp.codec.ell,
                          unigram_nll=baseline, unigram_error=error)
     return summary
-  exp = build.experiment(cfg)
   if mode == 'bench':
     from prime_jax import bench  # pylint: disable=import-outside-toplevel
     return bench.run(exp)

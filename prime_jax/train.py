@@ -62,11 +62,7 @@ def train_step(state: TrainState, batch, *, graphdef, task: losses.Task, tx, ema
 # -- initialisation on a mesh ----------------------------------------------------------------------
 
 
-def abstract_params(make_model):
-  """(graphdef, abstract params, logical PartitionSpecs) without allocating anything."""
-  abstract = nnx.eval_shape(lambda: make_model(rngs=nnx.Rngs(0)))
-  graphdef, params = nnx.split(abstract, nnx.Param)
-  return graphdef, params, nnx.get_partition_spec(params)
+abstract_params = build.abstract_params
 
 
 def state_shardings(make_model, tx, mesh):
