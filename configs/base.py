@@ -36,7 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 1
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'dit'  # dit (text) | unet (images; data.source must be an image source)
+  # dit (text) | unet (images; data.source must be an image source) | ar (text: the authors'
+  # autoregressive baseline, a causal DiT trunk without adaLN or time; needs diffusion.ell = 1 and
+  # reads dim, num_heads, num_layers, mlp_ratio, dropout, dtype, rope_base, distance_bias_slope,
+  # init.head_scale and init.head_bias)
+  c.model.name = 'dit'
   c.model.dim = 768
   c.model.num_heads = 12
   c.model.num_layers = 12
@@ -71,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.vocab_size = 50257  # GPT-2 BPE
   c.diffusion.ell = 2  # sub-tokens per token; 1 is MDLM
   c.diffusion.shuffle_seed = -1  # >= 0: MDM-Prime-v2 index shuffling with this seed
+  # MDM-Prime-v2 index shuffling by the authors' file (e.g. perm_1.0_65536.pt); '' = none
+  c.diffusion.permutation_file = ''
   c.diffusion.schedule = 'loglinear'
   c.diffusion.schedule_eps = 1e-3
   c.diffusion.schedule_n = 3.0  # 'poly' only: alpha = (1 - t)**n (images: n = 3)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import json
 import math
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -25,7 +28,7 @@ from prime_jax import sharding as sharding_lib
 from prime_jax.diffusion import schedules, subtokens
 from prime_jax.diffusion.image_sampler import ImageSamplerSettings
 from prime_jax.kernels import head as head_kernel
-from prime_jax.models import dit, unet
+from prime_jax.models import ar, dit, unet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,11 +187,15 @@ def _schedule(d: ml_collections.ConfigDict) -> schedules.Schedule:
 def _is_image(cfg: ml_collections.ConfigDict) -> bool:
   from prime_jax.data import images  # pylint: disable=import-outside-toplevel
   name, image_data = cfg.model.name, images.is_image_source(cfg.data.source)
-  _check(name in ('dit', 'unet'),
-         f"model.name must be 'dit' (text) or 'unet' (images), got {name!r}.")
+  _check(name in ('dit', 'ar', 'unet'),
+         f"model.name must be 'dit' (text), 'ar' (text, the autoregressive baseline) or 'unet' "
+         f'(images), got {name!r}.')
+  _check(not (name == 'ar' and image_data),
+         f"model.name='ar' (the autoregressive baseline) is for text; data.source="
+         f'{cfg.data.source!r} is an image source.')
   _check((name == 'unet') == image_data,
          f'model.name={name!r} does not fit data.source={cfg.data.source!r}: use '
-         f"'unet' for the image sources {sorted(images.SOURCES)} and 'dit' for text.")
+         f"'unet' for the image sources {sorted(images.SOURCES)} and 'dit' or 'ar' for text.")
   return name == 'unet'
 
 
@@ -213,6 +220,16 @@ def _model_factory(cfg, codec: subtokens.Codec, image: bool, token_shape):
         attention_resolutions=tuple(u.attention_resolutions), head_channels=u.head_channels,
         dropout=m.dropout, norm_groups=u.norm_groups, time_conditioning=m.time_conditioning,
         remat=m.remat, dtype=dtype)
+  if m.name == 'ar':
+    _check(not m.scan_layers, "model.scan_layers=True is not supported for model.name='ar'.")
+    _check(not m.remat, "model.remat=True is not supported for model.name='ar'.")
+    _check(not m.time_conditioning,
+           "model.time_conditioning=True: model.name='ar' has no time input; set it to False.")
+    return functools.partial(
+        ar.AR, vocab_size=codec.vocab_size, dim=m.dim, num_heads=m.num_heads,
+        num_layers=m.num_layers, mlp_ratio=m.mlp_ratio, dropout=m.dropout, dtype=dtype,
+        rope_base=m.rope_base, head_init_scale=m.init.head_scale,
+        distance_bias_slope=m.distance_bias_slope)
   return functools.partial(
       dit.DiT, vocab_size=codec.vocab_size, base=codec.base, ell=codec.ell, dim=m.dim,
       num_heads=m.num_heads, num_layers=m.num_layers, cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio,
@@ -242,6 +259,20 @@ def _floats(spec: str, field: str) -> tuple[float, ...]:
     raise ValueError(f'{field}={spec!r}: expected comma-separated numbers, e.g. 0.1,0.5.') from None
 
 
+def _permutation(path: str) -> Optional[np.ndarray]:
+  """The index permutation of an MDM-Prime-v2 `perm_*.pt` (one saved 1-D int64 tensor)."""
+  if not path:
+    return None
+  from prime_jax import torchfile  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'diffusion.permutation_file={path!r}: no such file.')
+  perm = torchfile.read(path)
+  _check(isinstance(perm, np.ndarray) and perm.ndim == 1 and perm.dtype.kind in 'iu',
+         f'diffusion.permutation_file={path!r} holds {type(perm).__name__}, not one 1-D integer '
+         "tensor (the authors' perm_*.pt files hold one).")
+  return perm.astype(np.int64)
+
+
 def image_sampler_settings(cfg, schedule: schedules.Schedule) -> ImageSamplerSettings:
   """The image sampler of the config's `sampler` block, on the configured schedule."""
   _check(schedule.name == 'poly',
@@ -263,15 +294,21 @@ def experiment(cfg: ml_collections.ConfigDict) -> Experiment:
   _check(d.objective in ('nelbo', 'paper'),
          f"diffusion.objective must be 'nelbo' or 'paper', got {d.objective!r}.")
   image = _is_image(cfg)
+  autoregressive = cfg.model.name == 'ar'
+  _check(not autoregressive or d.ell == 1,
+         f"model.name='ar' (the autoregressive baseline) scores whole tokens: diffusion.ell "
+         f'must be 1, got {d.ell}.')
   codec = subtokens.Codec(d.vocab_size, d.ell,
-                          shuffle_seed=None if d.shuffle_seed < 0 else d.shuffle_seed)
+                          shuffle_seed=None if d.shuffle_seed < 0 else d.shuffle_seed,
+                          permutation=_permutation(d.permutation_file))
   schedule = _schedule(d)
   compaction = None
-  if d.carry_over and not image:
+  if d.carry_over and not image and not autoregressive:
     compaction = head_kernel.Compaction.expected(schedule, codec.ell, float(d.sampling_eps))
   task = losses.Task(codec=codec, schedule=schedule, carry_over=bool(d.carry_over),
                      objective=d.objective, sampling_eps=float(d.sampling_eps),
-                     antithetic=bool(d.antithetic), image=image, compaction=compaction)
+                     antithetic=bool(d.antithetic), image=image, compaction=compaction,
+                     autoregressive=autoregressive)
   token_shape = _token_shape(cfg, image)
   _check(cfg.model.init.head_bias in ('', 'unigram'),
          f"model.init.head_bias must be '' or 'unigram', got {cfg.model.init.head_bias!r}.")
@@ -317,6 +354,24 @@ def experiment(cfg: ml_collections.ConfigDict) -> Experiment:
       summary=dict(source=cfg.data.source, vocab_size=codec.vocab_size, ell=codec.ell,
                    model=cfg.model.name, dim=cfg.model.dim, layers=cfg.model.num_layers,
                    objective=d.objective, carry_over=bool(d.carry_over)))
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """A config from 'configs/x.py[:arg]' (as --config takes it) or from a workdir's config.json."""
+  path, _, arg = spec.partition(':') if not spec.endswith('.json') else (spec, '', '')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No config file at {path} (expected configs/x.py[:arg] or a '
+                            'workdir\'s config.json).')
+  if path.endswith('.json'):
+    with open(path) as f:
+      cfg = ml_collections.ConfigDict(json.load(f))
+  else:
+    module_spec = importlib.util.spec_from_file_location('_prime_jax_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg else module.get_config()
+  cfg.lock()
+  return cfg
 
 
 def abstract_params(make_model):

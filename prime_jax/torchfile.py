@@ -327,10 +327,12 @@ class _Global:
 
 
 _REBUILD = _Global('torch._utils', '_rebuild_tensor_v2')
+_STORAGE_GLOBALS = {name: _Global('torch', name) for name in _STORAGE_OF_DTYPE.values()}
 _ORDERED_DICT = _Global('collections', 'OrderedDict')
 
 
-class _TensorRef:
+class _StorageRef:
+  """A storage of the file being written: pickled as a persistent id, its bytes go to data/<key>."""
 
   def __init__(self, key: str, array: np.ndarray):
     self.key, self.array = key, array
@@ -340,8 +342,8 @@ class _Pickler(pickle._Pickler):  # the Python pickler: it lets us write GLOBALs
   dispatch = dict(pickle._Pickler.dispatch)
 
   def persistent_id(self, obj):
-    if isinstance(obj, _TensorRef):
-      storage = _Global('torch', _STORAGE_OF_DTYPE[obj.array.dtype.newbyteorder('<')])
+    if isinstance(obj, _StorageRef):
+      storage = _STORAGE_GLOBALS[_STORAGE_OF_DTYPE[obj.array.dtype.newbyteorder('<')]]
       return ('storage', storage, obj.key, 'cpu', int(obj.array.size))
     return None
 
@@ -352,10 +354,12 @@ class _Pickler(pickle._Pickler):  # the Python pickler: it lets us write GLOBALs
       return
     raise pickle.PicklingError(f'cannot write {obj!r}: only tensors and plain containers')
 
-  def _save_tensor(self, ref: '_TensorRef') -> None:
-    shape = tuple(int(n) for n in ref.array.shape)
-    stride = tuple(int(s // ref.array.itemsize) for s in ref.array.strides)
-    self.save_reduce(_REBUILD, (ref, 0, shape, stride, False, _OrderedDictOut({})), obj=None)
+  def _save_tensor(self, tensor: '_TensorOut') -> None:
+    array = tensor.storage.array
+    shape = tuple(int(n) for n in array.shape)
+    stride = tuple(int(s // array.itemsize) for s in array.strides)
+    self.save_reduce(_REBUILD, (tensor.storage, 0, shape, stride, False, _OrderedDictOut({})),
+                     obj=tensor)
 
   def _save_ordered(self, od: '_OrderedDictOut') -> None:
     self.save_reduce(_ORDERED_DICT, (), obj=od)
@@ -365,7 +369,7 @@ class _Pickler(pickle._Pickler):  # the Python pickler: it lets us write GLOBALs
                   state_setter=None, *, obj=None):
     # Like pickle's REDUCE, but `func` is a `_Global`.
     if isinstance(func, _Global):
-      self.save_global(func)
+      self.save(func)  # through the memo: each name is written once
       self.save(args)
       self.write(pickle.REDUCE)
       if obj is not None:
@@ -380,8 +384,10 @@ class _OrderedDictOut:
     self.items = items
 
 
-class _TensorOut(_TensorRef):
-  pass
+class _TensorOut:
+
+  def __init__(self, storage: _StorageRef):
+    self.storage = storage
 
 
 _Pickler.dispatch[_TensorOut] = lambda self, obj: self._save_tensor(obj)
@@ -395,16 +401,16 @@ def write(obj: Any, path: Union[str, os.PathLike], *, archive: Optional[str] = N
   The file appears complete or not at all (written to a temporary name, then renamed)."""
   path = str(path)
   archive = archive or os.path.splitext(os.path.basename(path))[0] or 'archive'
-  arrays: list[_TensorOut] = []
+  arrays: list[_StorageRef] = []
 
   def prepare(o):
     if isinstance(o, np.ndarray):
       a = np.ascontiguousarray(o)
       if a.dtype.newbyteorder('<') not in _STORAGE_OF_DTYPE:
         raise TypeError(f'cannot write an array of dtype {a.dtype} as a torch tensor')
-      ref = _TensorOut(str(len(arrays)), a.astype(a.dtype.newbyteorder('<'), copy=False))
+      ref = _StorageRef(str(len(arrays)), a.astype(a.dtype.newbyteorder('<'), copy=False))
       arrays.append(ref)
-      return ref
+      return _TensorOut(ref)
     if isinstance(o, collections.OrderedDict):
       return _OrderedDictOut({k: prepare(v) for k, v in o.items()})
     if isinstance(o, dict):

@@ -1,6 +1,7 @@
 """Every test process sees 8 CPU devices, so sharded steps run on a fake 8-device mesh."""
 
 import os
+import pathlib
 import sys
 
 import pytest
@@ -10,6 +11,8 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # for `configs`
+# ../shared beside the checkout: the authors' checkpoint fixtures (fixtures/official).
+SHARED = pathlib.Path(ROOT).parent / 'shared'
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -166,7 +166,9 @@ def lightning_checkpoint(raw: Mapping[str, np.ndarray], ema: Mapping[str, np.nda
   raw_t = dict(export_params(raw, num_layers, autoregressive=autoregressive, scanned=scanned))
   ema_t = [v for _, v in export_params(ema, num_layers, autoregressive=autoregressive,
                                        scanned=scanned)]
-  inv_freq = (1.0 / 10000.0**(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  # As torch computes it, in float32: 1 / 10000 ** (arange(0, H, 2).float() / H).
+  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  inv_freq = np.float32(1.0) / np.power(np.float32(10000.0), exponent)
   sd = collections.OrderedDict()
   for key in state_dict_order(num_layers, autoregressive=autoregressive):
     sd[PREFIX + key] = inv_freq.astype(np.float32) if key == INV_FREQ else raw_t[key]
