@@ -94,7 +94,7 @@ class Tensor:
     item = flat.itemsize
     view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.shape,
                                            [s * item for s in self.stride], writeable=False)
-    return np.ascontiguousarray(view)
+    return np.array(view, order='C')  # (ascontiguousarray would make a 0-d tensor 1-d)
 
   def __repr__(self) -> str:
     return f'Tensor({self.shape}, {self.storage.type.name})'
@@ -405,7 +405,7 @@ def write(obj: Any, path: Union[str, os.PathLike], *, archive: Optional[str] = N
 
   def prepare(o):
     if isinstance(o, np.ndarray):
-      a = np.ascontiguousarray(o)
+      a = np.asarray(o, order='C')  # keeps 0-d tensors 0-d
       if a.dtype.newbyteorder('<') not in _STORAGE_OF_DTYPE:
         raise TypeError(f'cannot write an array of dtype {a.dtype} as a torch tensor')
       ref = _StorageRef(str(len(arrays)), a.astype(a.dtype.newbyteorder('<'), copy=False))

@@ -24,7 +24,7 @@ from flax import nnx
 from prime_jax import build, report, torchfile
 from prime_jax import checkpoint as checkpoint_lib
 from prime_jax import sharding as sharding_lib
-from prime_jax.convert import common, text
+from prime_jax.convert import common, image, text
 
 WEIGHTS = ('ema', 'raw')
 ConversionError = common.ConversionError
@@ -85,7 +85,6 @@ def matching_config(config, root: Any, kind: str, source: str):
                    f'evaluates with diffusion.carry_over={config.diffusion.carry_over} (both are '
                    'valid bounds; the setup configs use the training setting).')
   else:
-    from prime_jax.convert import image  # pylint: disable=import-outside-toplevel
     fc = image.describe(root.get('args'))
     if config.model.time_conditioning:
       changes['model.time_conditioning'] = False
@@ -136,8 +135,7 @@ def read(path: Union[str, os.PathLike], config, *, weights: str = 'ema'):
                            autoregressive=exp.task.autoregressive, scanned=scanned)
         trees[which] = tree.state()
       else:
-        from prime_jax.convert import image  # pylint: disable=import-outside-toplevel
-        trees[which] = image.import_unet(root['model'], abstract, weights=which, source=source)
+            trees[which] = image.import_unet(root['model'], abstract, weights=which, source=source)
     if kind == 'text':
       inv = root['state_dict'].get(text.PREFIX + text.INV_FREQ)
       if inv is not None and abs(text.rope_base(common.array(inv)) - 10000.0) > 1.0:
@@ -206,7 +204,6 @@ def export_checkpoint(workdir: str, out: str, config=None, *,
   raw, ema = common.by_path(raw), common.by_path(ema)
   module = nnx.eval_shape(lambda: exp.make_model(rngs=nnx.Rngs(0)))
   if exp.task.image:
-    from prime_jax.convert import image  # pylint: disable=import-outside-toplevel
     obj = {'model': image.export_unet(raw, ema, num_updates=step), 'epoch': 0}
   else:
     if getattr(module, 'distance_bias_slope', 0.0) or getattr(module, 'rope_base', 1e4) != 1e4:

@@ -13,23 +13,25 @@ With K = 1 and V = C + 1 this is MDLM's token embedding, mask row included.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prime_jax.models.layers import make_param, uniform_init
+from prime_jax.models.layers import Initializer, make_param, uniform_init
 
 
 class SubtokenEmbed(nnx.Module):
   """Embeds y (B, L, K) to (B, L, D) through one shared table of V = num_symbols rows.
 
-  The table is U(-1/sqrt(E), +1/sqrt(E)), which is what the reference's kaiming_uniform(a=sqrt(5))
-  on a raw (V, E) parameter amounts to.
+  By default the table is U(-1/sqrt(E), +1/sqrt(E)), which is what the text reference's
+  kaiming_uniform(a=sqrt(5)) on a raw (V, E) parameter amounts to; `init` replaces it (the image
+  UNet passes N(0, 1), PyTorch's nn.Embedding default).
   """
 
-  def __init__(self, num_symbols: int, ell: int, dim: int, *, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, num_symbols: int, ell: int, dim: int, *, init: Optional[Initializer] = None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if ell < 1:
       raise ValueError(f'ell (sub-tokens per token) must be >= 1, got {ell}.')
     if dim % ell != 0:
@@ -42,8 +44,9 @@ class SubtokenEmbed(nnx.Module):
     self.ell = ell
     self.dim = dim
     sub_dim = dim // ell
-    self.table = make_param(uniform_init(1.0 / math.sqrt(sub_dim)), ('vocab', 'embed'),
-                            (num_symbols, sub_dim), rngs, param_dtype)
+    if init is None:
+      init = uniform_init(1.0 / math.sqrt(sub_dim))
+    self.table = make_param(init, ('vocab', 'embed'), (num_symbols, sub_dim), rngs, param_dtype)
 
   def __call__(self, y_BxLxK: jax.Array) -> jax.Array:
     if y_BxLxK.shape[-1] != self.ell:

@@ -21,8 +21,16 @@ first block. The output GroupNorm -> SiLU -> zero-init 3x3 conv gives C * O chan
 (C, O) per pixel, so the logits are exactly 0 at initialisation.
 
 Time: the reference image model ignores time (`ignore_time`): each residual block's FiLM vector is
-a learned constant of 2 * D parameters (here zero-initialised, so FiLM starts as the identity).
-`time_conditioning=True` instead adds ADM's timestep MLP and one Linear per block.
+a learned constant of 2 * D parameters. `time_conditioning=True` instead adds ADM's timestep MLP and
+one Linear per block.
+
+Initialisation follows the reference (OFFICIAL_FORMATS §9.1): the pixel-embedding table is
+N(0, 1) (PyTorch's nn.Embedding default); each constant FiLM vector is
+U(-sqrt(4 * model_channels), +sqrt(4 * model_channels)) (+-19.6 at paper size), so FiLM does not
+start as the identity; the residual blocks' output conv, the attention output projection and the
+output conv are zero (each block is its skip path and the logits are 0 at initialisation);
+everything else has PyTorch's defaults: U(+-1/sqrt(fan_in)) for conv / Linear kernels and biases,
+(1, 0) for GroupNorm.
 
 Layout is NHWC; the convolution kernels are HWIO. Precision: parameters are float32, convolutions
 and attention run in `dtype`, GroupNorm and the residual stream run in float32, logits are float32.
@@ -130,16 +138,18 @@ class GroupNorm(nnx.Module):
 class ResBlock(nnx.Module):
   """GN -> SiLU -> conv -> GN * (1 + scale) + shift -> SiLU -> dropout -> zero conv, plus skip.
 
-  The FiLM (scale, shift) is a learned constant (`cond_dim=None`, the reference's ignore_time) or
-  a Linear of the time embedding. The block is its skip path at initialisation.
+  The FiLM (scale, shift) is a learned constant (`cond_dim=None`, the reference's ignore_time),
+  initialised U(+-film_bound), or a Linear of the time embedding. The block is its skip path at
+  initialisation.
   """
 
   def __init__(self, in_features: int, out_features: int, *, norm_groups: int, dropout: float,
-               cond_dim: Optional[int], dtype, rngs: nnx.Rngs):
+               cond_dim: Optional[int], film_bound: float = 0.0, dtype, rngs: nnx.Rngs):
     self.in_norm = GroupNorm(in_features, norm_groups, name='embed', rngs=rngs)
     self.in_conv = Conv(in_features, out_features, names=('embed', 'mlp'), dtype=dtype, rngs=rngs)
     if cond_dim is None:
-      self.film = make_param(zeros_init, ('modulation',), (2 * out_features,), rngs)
+      init = uniform_init(film_bound) if film_bound > 0 else zeros_init
+      self.film = make_param(init, ('modulation',), (2 * out_features,), rngs)
     else:
       self.film = Dense(cond_dim, 2 * out_features, names=('cond', 'modulation'), rngs=rngs)
     self.out_norm = GroupNorm(out_features, norm_groups, name='mlp', rngs=rngs)
@@ -193,9 +203,10 @@ class Stage(nnx.Module):
   """One residual block, optionally followed by self-attention."""
 
   def __init__(self, in_features: int, out_features: int, *, attention: bool, head_channels: int,
-               norm_groups: int, dropout: float, cond_dim: Optional[int], dtype, rngs: nnx.Rngs):
+               norm_groups: int, dropout: float, cond_dim: Optional[int], film_bound: float = 0.0,
+               dtype, rngs: nnx.Rngs):
     self.res = ResBlock(in_features, out_features, norm_groups=norm_groups, dropout=dropout,
-                        cond_dim=cond_dim, dtype=dtype, rngs=rngs)
+                        cond_dim=cond_dim, film_bound=film_bound, dtype=dtype, rngs=rngs)
     self.attn = (AttentionBlock(out_features, head_channels=head_channels,
                                 norm_groups=norm_groups, dtype=dtype, rngs=rngs)
                  if attention else nnx.data(None))
@@ -259,15 +270,18 @@ class UNet(nnx.Module):
     self.num_outputs = vocab_size + int(self.mask_logit_in_head)
     self.dtype = dtype
 
-    self.embed = SubtokenEmbed(base + 1, ell, width0 // image_channels, rngs=rngs)
+    self.embed = SubtokenEmbed(base + 1, ell, width0 // image_channels,
+                               init=jax.nn.initializers.normal(stddev=1.0), rngs=rngs)
     cond_dim = None
     if time_conditioning:
       cond_dim = 4 * model_channels
       self.time_fc1 = Dense(model_channels, cond_dim, names=('freq', 'cond'), rngs=rngs)
       self.time_fc2 = Dense(cond_dim, cond_dim, names=('cond_in', 'cond'), rngs=rngs)
+    # The reference's ConstantEmbedding: U(+-sqrt(4 * model_channels)) (its time-embedding width).
+    film_bound = math.sqrt(4 * model_channels)
     stage = lambda i, o, attn: Stage(i, o, attention=attn, head_channels=head_channels,
                                      norm_groups=norm_groups, dropout=dropout, cond_dim=cond_dim,
-                                     dtype=dtype, rngs=rngs)
+                                     film_bound=film_bound, dtype=dtype, rngs=rngs)
 
     # Down: a Stage per block; None marks a downsampling. Every output is kept for the way up.
     down, skips, ch, ds = [], [width0], width0, 1
@@ -283,7 +297,7 @@ class UNet(nnx.Module):
     self.down = nnx.List(down)
     self.mid = stage(ch, ch, True)
     self.mid_res = ResBlock(ch, ch, norm_groups=norm_groups, dropout=dropout, cond_dim=cond_dim,
-                            dtype=dtype, rngs=rngs)
+                            film_bound=film_bound, dtype=dtype, rngs=rngs)
     # Up: num_res_blocks + 1 Stages per level, each eating one skip; upsampling ends each level
     # but the last.
     up, up_after = [], []

@@ -1,5 +1,5 @@
-"""The discrete UNet (method.md §8.2): paper parameter counts, shapes, init, embedding order,
-time."""
+"""The discrete UNet (method.md §8.2): paper parameter counts, shapes, the reference's init
+(OFFICIAL_FORMATS §9.1), embedding order, time."""
 
 import functools
 import math
@@ -12,6 +12,8 @@ from flax import nnx
 
 from prime_jax.diffusion import subtokens
 from prime_jax.models import unet
+from prime_jax.models.dit import DiT
+from prime_jax.models.embed import SubtokenEmbed
 
 # Widths 24 / 48: 3 colours x ell sub-token vectors of 8 / ell features for ell in {1, 2, 4}.
 TINY = dict(model_channels=24, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
@@ -91,6 +93,67 @@ def test_mdm_head_has_a_mask_class_that_is_never_returned():
   assert model.out_conv.kernel.shape[-1] == 3 * 257
   perturb(model)
   assert call(model, random_y(codec, (1, 4, 4, 3))).shape == (1, 4, 4, 3, 256)
+
+
+def _param_paths(model):
+  """(dotted path, numpy value) of every parameter."""
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for path, x in jax.tree_util.tree_leaves_with_path(pure):
+    yield '.'.join(str(getattr(k, 'key', getattr(k, 'idx', None))) for k in path), np.asarray(x)
+
+
+def _films(model):
+  return [b.film[...] for b in [s.res for s in model.down if s is not None] + [model.mid.res,
+                                model.mid_res] + [s.res for s in model.up]]
+
+
+def test_initialisation_matches_the_reference():
+  """OFFICIAL_FORMATS §9.1: N(0, 1) pixel table, U(+-sqrt(4 * model_channels)) constant FiLM, zero
+  residual-output convs / attention projections / output conv, PyTorch defaults elsewhere."""
+  model, _ = tiny(ell=1)  # a (257, 8) table: 2056 draws
+  table = np.asarray(model.embed.table[...]).ravel()
+  # N(0, 1): the sample std of n = 2056 normals has a standard error of 1/sqrt(2n) = 0.016, so 0.08
+  # is 5 standard errors; the mean's is 1/sqrt(n) = 0.022. The old U(+-1/sqrt(8)) init has std
+  # 0.20, and a unit-std uniform never exceeds sqrt(3): a normal sample of this size does (by 2.0
+  # with probability 1 - 0.954**2056).
+  assert table.size == 2056
+  assert abs(table.std() - 1.0) < 0.08 and abs(table.mean()) < 0.11, (table.std(), table.mean())
+  assert np.abs(table).max() > 2.0
+  # FiLM: U(+-sqrt(4 * 24)) = +-9.80 over 2 * 312 = 624 entries. The largest |x| of n uniform draws
+  # falls short of the bound by bound / (n + 1) = 0.016 on average: below 0.98 * bound with
+  # probability 0.98**624 = 3e-6. The std of U(+-b) is b / sqrt(3) = 5.66, standard error
+  # b / sqrt(15 n) = 0.10.
+  bound = math.sqrt(4 * TINY['model_channels'])
+  films = np.concatenate([np.asarray(f) for f in _films(model)])
+  assert films.size == 624
+  assert np.abs(films).max() <= bound and np.abs(films).max() > 0.98 * bound
+  assert abs(films.std() - bound / math.sqrt(3)) < 0.5 and abs(films.mean()) < 1.2
+  # Zero-initialised: every residual block's output conv, every attention output projection and
+  # the output conv. Everything else is nonzero (kernels U(+-1/sqrt(fan_in))) or GroupNorm (1, 0).
+  for path, x in _param_paths(model):
+    zero = path.endswith(('out_conv.kernel', 'out_conv.bias', 'proj.kernel', 'proj.bias',
+                          'norm.bias'))
+    if path.endswith('norm.scale'):
+      np.testing.assert_array_equal(x, 1.0, err_msg=path)
+    elif zero:
+      np.testing.assert_array_equal(x, 0.0, err_msg=path)
+    else:
+      assert np.all(x != 0), path
+    if path.endswith(('conv.kernel', 'qkv.kernel', 'skip.kernel')) and not zero:
+      fan_in = math.prod(x.shape[:-1]) if 'conv' in path else x.shape[0]
+      assert np.abs(x).max() <= 1 / math.sqrt(fan_in), path
+
+
+def test_dit_embedding_keeps_its_init():
+  """The N(0, 1) table is the UNet's choice: SubtokenEmbed's default (the DiT's) is still the
+  text reference's U(+-1/sqrt(E)), draw for draw."""
+  emb = SubtokenEmbed(19, 2, 64, rngs=nnx.Rngs(0))
+  want = jax.random.uniform(nnx.Rngs(0).params(), (19, 32), jnp.float32, -32**-0.5, 32**-0.5)
+  np.testing.assert_array_equal(np.asarray(emb.table[...]), np.asarray(want))
+  table = jax.jit(lambda: nnx.state(DiT(vocab_size=300, base=18, ell=2, dim=64, num_heads=4,
+                                        num_layers=1, cond_dim=32, rngs=nnx.Rngs(0)),
+                                    nnx.Param)['embed']['table'][...])()
+  np.testing.assert_array_equal(np.asarray(table), np.asarray(want))
 
 
 def test_embedding_is_concatenated_in_colour_digit_feature_order():
