@@ -1,10 +1,10 @@
 """The authors' image checkpoints (`.pth`): the discrete UNet in their EMA wrapper.
 
-Layout facts (OFFICIAL_FORMATS §9, read from the format description, not from the authors' code):
-the `.pth`'s `model` entry is the EMA wrapper's state dict, in this order: `num_updates` (an int64
-0-d tensor, the optimizer step), `model.<name>` (the raw weights), `shadow_params.N` (the EMA value
-of the N-th `model.*` entry). The inner names are `pixel_embedding.embedding_table.weight` (one
-(b+1, E/ell) table) and, under `unet.`:
+Layout facts (docs/official.md, "The authors' layouts"; from the format description, not
+from the authors' code): the `.pth`'s `model` entry is the EMA wrapper's state dict, in this
+order: `num_updates` (an int64 0-d tensor, the optimizer step), `model.<name>` (the raw
+weights), `shadow_params.N` (the EMA value of the N-th `model.*` entry). The inner names are
+`pixel_embedding.embedding_table.weight` (one (b+1, E/ell) table) and, under `unet.`:
   input_blocks.k    k = 0 is an identity; k >= 1 is our `down[k - 1]` (a downsampler: no tensors)
   middle_block.0/1/2    our `mid.res` / `mid.attn` / `mid_res`
   output_blocks.k   our `up[k]`; `.0` a residual block, `.1` an attention block where there is one

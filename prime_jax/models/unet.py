@@ -24,8 +24,8 @@ Time: the reference image model ignores time (`ignore_time`): each residual bloc
 a learned constant of 2 * D parameters. `time_conditioning=True` instead adds ADM's timestep MLP and
 one Linear per block.
 
-Initialisation follows the reference (OFFICIAL_FORMATS §9.1): the pixel-embedding table is
-N(0, 1) (PyTorch's nn.Embedding default); each constant FiLM vector is
+Initialisation follows the reference (docs/official.md, "The authors' layouts"): the
+pixel-embedding table is N(0, 1) (PyTorch's nn.Embedding default); each constant FiLM vector is
 U(-sqrt(4 * model_channels), +sqrt(4 * model_channels)) (+-19.6 at paper size), so FiLM does not
 start as the identity; the residual blocks' output conv, the attention output projection and the
 output conv are zero (each block is its skip path and the logits are 0 at initialisation);

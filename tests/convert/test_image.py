@@ -194,7 +194,7 @@ def test_mdm_ell1_with_the_mask_class_round_trips():
 
 
 def test_the_paper_model_has_the_authors_names_and_shapes():
-  """CIFAR-10 ell = 2 (OFFICIAL_FORMATS §9.1), on abstract shapes: 430 tensors, 113,965,680
+  """CIFAR-10 ell = 2 (docs/official.md), on abstract shapes: 430 tensors, 113,965,680
   parameters, downsamplers at input_blocks 6 and 12, attention in input_blocks 7-11, output_blocks
   6-11 and the middle, skip convs in every output block."""
   _, params, _ = build.abstract_params(functools.partial(

@@ -1,5 +1,5 @@
 """The discrete UNet (method.md §8.2): paper parameter counts, shapes, the reference's init
-(OFFICIAL_FORMATS §9.1), embedding order, time."""
+(docs/official.md), embedding order, time."""
 
 import functools
 import math
@@ -108,8 +108,9 @@ def _films(model):
 
 
 def test_initialisation_matches_the_reference():
-  """OFFICIAL_FORMATS §9.1: N(0, 1) pixel table, U(+-sqrt(4 * model_channels)) constant FiLM, zero
-  residual-output convs / attention projections / output conv, PyTorch defaults elsewhere."""
+  """The authors' initialisation (docs/official.md): N(0, 1) pixel table, U(+-sqrt(4 *
+  model_channels)) constant FiLM, zero residual-output convs / attention projections / output
+  conv, PyTorch defaults elsewhere."""
   model, _ = tiny(ell=1)  # a (257, 8) table: 2056 draws
   table = np.asarray(model.embed.table[...]).ravel()
   # N(0, 1): the sample std of n = 2056 normals has a standard error of 1/sqrt(2n) = 0.016, so 0.08
