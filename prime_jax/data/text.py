@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from prime_jax.data import assets, owt, zeroshot
+from prime_jax.data import assets, documents, owt, zeroshot
 from prime_jax.data.tokenizer import VOCAB_SIZE, get_tokenizer
 from prime_jax.data.wrapping import DOCS_PER_GROUP, wrap, wrap_groups  # noqa: F401 (re-exported)
 from prime_jax.data.zeroshot import lm1b_detokenize  # with the other detokenizers
@@ -272,16 +272,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('prepare', help='tokenize local OpenWebText into ArrayRecord shards')
   p.add_argument('--input', nargs='+', required=True, help='jsonl/parquet/txt files or folders')
-  p.add_argument('--output', required=True, help='folder for the shards and metadata.json')
+  p.add_argument('--output', required=True,
+                 help='folder for the shards, metadata.json and prepare_report.json; written as '
+                 'OUTPUT.partial-HOST-PID and renamed when complete')
   p.add_argument('--seq-len', type=int, default=1024)
   p.add_argument('--num-validation-docs', type=int, default=OWT_NUM_VALIDATION_DOCS,
                  help='the last N documents form the validation split (MDLM: 100000)')
   p.add_argument('--sequences-per-shard', type=int, default=50_000)
-  p.add_argument('--overwrite', action='store_true')
+  p.add_argument('--on-error', choices=documents.ON_ERROR, default='skip',
+                 help='bad documents (non-UTF-8, empty, no string "text", not JSON, too large): '
+                 'skip them and list them in prepare_report.json (default), or stop at the first')
+  p.add_argument('--max-doc-bytes', type=int, default=documents.MAX_DOC_BYTES,
+                 help='a document (jsonl line, parquet text, txt file) over this many bytes is bad '
+                 '(default 100 MiB)')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace an existing output folder (only one holding prepared data)')
   args = parser.parse_args(argv)
-  owt.prepare_owt(args.input, args.output, seq_len=args.seq_len,
-                  num_validation_docs=args.num_validation_docs,
-                  sequences_per_shard=args.sequences_per_shard, overwrite=args.overwrite)
+  try:
+    owt.prepare_owt(args.input, args.output, seq_len=args.seq_len,
+                    num_validation_docs=args.num_validation_docs,
+                    sequences_per_shard=args.sequences_per_shard, overwrite=args.overwrite,
+                    on_error=args.on_error, max_doc_bytes=args.max_doc_bytes)
+  except (FileExistsError, FileNotFoundError, ValueError) as e:  # BadDocumentError included
+    print(f'prepare: error: {e}', file=sys.stderr, flush=True)  # as argparse's, status 2
+    return 2
   return 0
 
 
