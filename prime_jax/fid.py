@@ -115,6 +115,10 @@ def run_fid(exp: build.Experiment, workdir: str, *,
   if num_samples < 2:
     raise ValueError(f'sample.num_samples={num_samples}: FID needs at least 2 samples (a '
                      'covariance).')
+  # Everything the FID needs after sampling is checked before it: the network and the data.
+  from prime_jax.data import assets  # pylint: disable=import-outside-toplevel
+  assets.path('inception')
+  images_lib.num_images(source, 'train', exp.data.data_dir)
   r = evaluate.Restored(exp, workdir, step=step)
   data_dir = exp.data.data_dir
   cond = keep = None
