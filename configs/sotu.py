@@ -16,6 +16,8 @@ neighbours start with a larger share of attention instead of 1/64 each.
 
   python -m prime_jax.main --config configs/sotu.py --workdir workdir/sotu
   python -m prime_jax.main --config configs/sotu.py:ell=1 --workdir workdir/sotu_l1   # MDLM
+  python -m prime_jax.main --config configs/sotu.py:ell=1 --config.model.name=ar \
+      --workdir workdir/sotu_ar   # the autoregressive baseline (exact PPL)
 """
 
 from configs import base

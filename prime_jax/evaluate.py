@@ -12,6 +12,9 @@ We report per original token (never per sub-token; for images per colour-channel
 valid bound `nelbo` as NLL nats, bits and "PPL <= exp(NLL)" (text) or BPD (images), with the
 standard error over examples, and the authors' objective beside it under its own name (it is not
 a bound for ell > 1). Text also gets a control-variate estimate of the same bound (`run`).
+
+The autoregressive baseline (`Task.autoregressive`) is scored exactly instead: per example the sum
+of -log p(x_{i+1} | x_{<=i}) over its L - 1 predicted positions, "PPL = exp(NLL)", no times.
 """
 
 from __future__ import annotations
@@ -57,8 +60,17 @@ def eval_sums(params, batch: dict, ref_log_p_C=None, *, graphdef, task: losses.T
 
   batch: tokens (B, *S) int32, mask (B,) bool (False for padding), index (B,) int32 global example
   index (the randomness is keyed on it).
+
+  Autoregressive task: the exact NLL over the L - 1 predicted positions (L - 1 tokens per real
+  example); num_t, seed and t_fixed play no part.
   """
   x0 = batch['tokens']
+  if task.autoregressive:
+    real_B = batch['mask'].astype(jnp.float32)
+    per_token = losses.autoregressive_losses(params, graphdef, x0, task)
+    out = {k + '_B': jnp.sum(v, axis=1) * real_B for k, v in per_token.items()}
+    out['tokens_B'] = real_B * (x0.shape[1] - 1)
+    return out
   key_B = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(batch['index'])
   t_BxJ = eval_times(key_B, num_t, task.sampling_eps)
   if t_fixed is not None:
@@ -125,11 +137,15 @@ class Evaluator:
     estimate plus the mean of (model - unigram) on the same draws ('nll_cv', see `run`)."""
     if t_fixed is not None and not 0.0 < t_fixed < 1.0:
       raise ValueError(f'A fixed evaluation time must lie in (0, 1), got {t_fixed}.')
+    if t_fixed is not None and task.autoregressive:
+      raise ValueError('A fixed evaluation time is a diffusion notion; the autoregressive model '
+                       'has no time.')
     self.exp, self.mesh, self.task, self.t_fixed = exp, mesh, task, t_fixed
     self.graphdef, self.param_shardings = graphdef, param_shardings
     self.settings = exp.eval
     self.ref_log_p: Optional[np.ndarray] = None
-    if control_variate and t_fixed is None and not task.image:
+    # The control variate estimates a diffusion bound; the autoregressive NLL is already exact.
+    if control_variate and t_fixed is None and not task.image and not task.autoregressive:
       self.ref_log_p = _training_unigram(exp)
     row = sharding_lib.batch_sharding(mesh, 1)
     batch_sh = {'tokens': sharding_lib.batch_sharding(mesh, 1 + len(exp.token_shape)),
@@ -192,6 +208,8 @@ class Evaluator:
     training unigram, the control-variate estimate 'nll_cv' ± 'nll_cv_se', 'ppl_bound_cv'.
     Images: 'nll' (nats/dim), 'nll_se', 'bpd', 'bpd_se', and the reference's training loss
     ('paper_objective') and NLL estimator ('paper_nll', 'paper_bpd'; not a bound for ell > 1).
+    Autoregressive: 'nll' is exact, 'ppl' = exp(nll) ('ppl_bound' holds the same number, for the
+    readers that tabulate every model), 'autoregressive' True, 'num_t' 0.
     """
     source = source or self.exp.data.source
     split = split or self.settings.split
@@ -210,6 +228,8 @@ class Evaluator:
                  paper_bpd=float(objectives.bits_per_dim(s.mean('paper_nll'))))
       return res
     res.update(bpt=float(objectives.nats_to_bits(nll)), ppl_bound=math.exp(nll))
+    if self.task.autoregressive:
+      res.update(autoregressive=True, ppl=math.exp(nll), num_t=0)
     if 'ref_B' in s.per_example:
       res.update(control_variate(s, self.ref_log_p, self.task))
     return res
@@ -287,6 +307,9 @@ class Restored:
 def run_eval(exp: build.Experiment, workdir: str, *, step: Optional[int] = None) -> dict[str, Any]:
   """--mode eval: the valid bound of a checkpoint on the validation split, and (text) on the
   zero-shot sets of `eval.sets` and at the times of `eval.t_grid`. Writes eval_step{N}.json."""
+  if exp.eval.t_grid and exp.task.autoregressive:
+    raise ValueError("eval.t_grid is the diffusion NELBO integrand; model.name='ar' has no time: "
+                     'clear eval.t_grid.')
   r = Restored(exp, workdir, step=step)
   ev = Evaluator(exp, r.mesh, r.graphdef, r.param_shardings, r.task)
   weights = 'ema' if r.use_ema else 'raw'

@@ -5,7 +5,8 @@ D model width, C token classes.
 
 Every function takes the model as (graphdef, params) and the static `Task`, so it can be jitted and
 differentiated. Text runs the DiT trunk and the fused head kernel (no (B, L, C) logits); images
-materialise their C = 256 logits and use the core objectives as they are.
+materialise their C = 256 logits and use the core objectives as they are. The autoregressive
+baseline (`Task.autoregressive`) has no diffusion: its loss is the exact next-token NLL.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class Task:
   image: bool = False  # UNet on a (H, W, channels) token grid: logits are materialised (C = 256)
   # The text head's row compaction (exact; see kernels.head). None: every row gets the full head.
   compaction: Optional[head_kernel.Compaction] = None
+  # A causal model (models.ar) scored on the next token: no times, no masks; codec.ell == 1.
+  autoregressive: bool = False
 
 
 def noisy_batch(x0_BxS, key, task: Task):
@@ -71,8 +74,32 @@ def per_token_losses(params, graphdef, x0_BxS, t_B, y_t, task: Task, *, train: b
                                  compaction=task.compaction)
 
 
+def autoregressive_losses(params, graphdef, x0_BxL, task: Task, *, train: bool = False,
+                          dropout_key=None) -> dict[str, jax.Array]:
+  """(B, L - 1) exact next-token NLL -log p(x_{i+1} | x_{<=i}) of a causal model (models.ar):
+  input x0[:, :-1], targets x0[:, 1:], as the authors' AR (the first token is never predicted).
+  Under both names 'nelbo' and 'paper', so the loop and the evaluator need no special case. The
+  head kernel with every (single) digit masked and no carry-over filter is a plain log-softmax over
+  the C classes, computed a vocabulary tile at a time."""
+  model = nnx.merge(graphdef, params)
+  rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
+  h_BxLxD = model.features(x0_BxL[:, :-1], deterministic=not train, rngs=rngs)
+  kernel_DxC, bias_C = model.head_weights()
+  targets_BxL = x0_BxL[:, 1:]
+  y_BxLx1 = jnp.full(targets_BxL.shape + (1,), task.codec.mask_id, jnp.int32)
+  nll = head_kernel.head_losses(h_BxLxD, kernel_DxC, bias_C, targets_BxL, y_BxLx1,
+                                jnp.ones(x0_BxL.shape[:1], jnp.float32), task.codec,
+                                carry_over=False, with_nelbo=False)['paper']
+  return {'nelbo': nll, 'paper': nll}
+
+
 def training_loss(params, graphdef, x0_BxS, key, task: Task):
   """(the loss to differentiate, token means of every per-token loss)."""
+  if task.autoregressive:  # the exact NLL: both objectives train it
+    per_token = autoregressive_losses(params, graphdef, x0_BxS, task, train=True,
+                                      dropout_key=jax.random.fold_in(key, 0xD0))
+    means = {k: objectives.token_mean(v) for k, v in per_token.items()}
+    return means[task.objective], means
   t_B, y_t, k_drop = noisy_batch(x0_BxS, key, task)
   per_token = per_token_losses(params, graphdef, x0_BxS, t_B, y_t, task, train=True,
                                dropout_key=k_drop,

@@ -22,8 +22,16 @@ def progress(total: int, desc: str, unit: str):
               mininterval=2.0)
 
 
+def _format_exact(r: dict) -> str:
+  """The autoregressive baseline's exact likelihood: never labelled a bound."""
+  return (f"NLL {r['nll']:.4f} ± {r['nll_se']:.4f} nats/token, PPL = exp(NLL) = {r['ppl']:.2f} "
+          "(exact, autoregressive)")
+
+
 def format_eval(r: dict) -> str:
   """One line for an evaluation during training."""
+  if r.get('autoregressive'):
+    return _format_exact(r)
   if 'bpd' in r:
     return (f"NLL {r['nll']:.4f} ± {r['nll_se']:.4f} nats/dim, BPD <= {r['bpd']:.4f} (valid "
             f"bound); authors' objective {r['paper_objective']:.4f}, authors' BPD estimate "
@@ -36,6 +44,9 @@ def format_eval(r: dict) -> str:
 
 def format_result(r: dict) -> str:
   """The --mode eval line(s) of one source/split."""
+  if r.get('autoregressive'):
+    return (f"{r['source']}/{r['split']}: {_format_exact(r)}, {r['bpt']:.4f} bits/token; "
+            f"{r['tokens']:,} predicted tokens (L - 1 per sequence)")
   if 'bpd' in r:
     return (f"{r['source']}/{r['split']}: NLL <= {r['nll']:.4f} ± {r['nll_se']:.4f} nats/dim, "
             f"BPD <= {r['bpd']:.4f} ± {r['bpd_se']:.4f} (valid bound); authors' objective "
@@ -76,8 +87,10 @@ def print_summary(workdir: str, summary: dict[str, Any], *, source: str, ell: in
   cross-entropy (text), printed as the baseline a model with context must beat."""
   if jax.process_index() != 0:
     return
+  ar = bool(summary.get('autoregressive'))
   lines = [f'== prime_jax run summary ({workdir}) ==',
-           f'data {source}, ell {ell}, params {summary.get("params", 0):,}, '
+           f'data {source}, {"autoregressive" if ar else f"ell {ell}"}, '
+           f'params {summary.get("params", 0):,}, '
            f'steps {summary.get("steps")}, wall {summary.get("wall_s", 0):.0f} s']
   if 'bpd' in summary:  # images: per colour-channel token, no unigram baseline
     lines.append(f'validation NLL <= {summary["nll"]:.4f} nats/dim, BPD <= {summary["bpd"]:.4f} '
@@ -86,7 +99,10 @@ def print_summary(workdir: str, summary: dict[str, Any], *, source: str, ell: in
                  f"{summary['paper_objective']:.4f}; their BPD estimate (not a bound for ell > 1): "
                  f"{summary['paper_bpd']:.4f}")
   else:
-    if 'nll_cv' in summary:
+    if ar:
+      lines.append(f'validation NLL = {summary["nll"]:.4f} ± {summary["nll_se"]:.4f} nats/token, '
+                   f'PPL = exp(NLL) = {summary["ppl"]:.2f} (exact, autoregressive, EMA weights)')
+    elif 'nll_cv' in summary:
       lines.append(f'validation NLL <= {summary["nll_cv"]:.4f} ± {summary["nll_cv_se"]:.4f} '
                    f'nats/token, PPL <= {summary["ppl_bound_cv"]:.2f} (valid bound, EMA weights; '
                    'control-variate estimate ± standard error)')

@@ -4,7 +4,8 @@
       --config.sample.num_samples=16 --config.sample.scorer=smollm2
 
 The sampler itself is the pure `diffusion.samplers.sample`; this module drives it over batches of
-a checkpoint's samples, decodes them, counts NFE and idle steps, and scores them.
+a checkpoint's samples, decodes them, counts NFE and idle steps, and scores them. The
+autoregressive baseline samples ancestrally instead (`autoregressive_sampler`).
 Dimension key: B batch, L tokens per sequence, K sub-tokens per token.
 """
 
@@ -31,6 +32,30 @@ def _logits_fn(graphdef):
   return fn
 
 
+def autoregressive_sampler(graphdef, start: int, nucleus_p: float = 1.0):
+  """A jitted (key, params, tokens (B, L)) -> tokens (B, L) of a causal model (models.ar): positions
+  start, ..., L - 1 in order, each x_i ~ p(. | x_{<i}) drawn in float32 from one full forward pass
+  (causal attention makes the positions not yet drawn irrelevant); nucleus_p < 1 applies
+  samplers.nucleus_filter. Positions < start are kept."""
+  if not 0.0 < nucleus_p <= 1.0:
+    raise ValueError(f'nucleus_p must lie in (0, 1], got {nucleus_p}.')
+
+  @jax.jit
+  def run(key, params, tokens_BxL):
+    model = nnx.merge(graphdef, params)
+
+    def step(i, tokens):
+      logits_BxC = jax.lax.dynamic_index_in_dim(model(tokens), i - 1, axis=1, keepdims=False)
+      if nucleus_p < 1.0:
+        logits_BxC = jnp.log(samplers.nucleus_filter(jax.nn.softmax(logits_BxC), nucleus_p))
+      draw_B = jax.random.categorical(jax.random.fold_in(key, i), logits_BxC)
+      return tokens.at[:, i].set(draw_B.astype(tokens.dtype))
+
+    return jax.lax.fori_loop(start, tokens_BxL.shape[1], step, tokens_BxL)
+
+  return run
+
+
 def sample_text(data: build.Data, task: losses.Task, graphdef, params, *, num_samples: int,
                 batch_size: int, steps: int, nucleus_p: float = 1.0, precision: str = 'fp64',
                 cache: bool = True, prefix_len: int = 0, seed: int = 0,
@@ -42,6 +67,9 @@ def sample_text(data: build.Data, task: losses.Task, graphdef, params, *, num_sa
   sequences. Returns (records, summary): a record per sample with text and token ids, and the
   NFE, idle steps, wall time and samples/s of the batches (NFE and idle steps are per batch: a
   step is idle when no sub-token of the whole batch changes).
+
+  Autoregressive task: L - max(prefix_len, 1) ancestral steps after the prefix (unconditional
+  samples start from BOS), fp32 draws; `steps`, `precision` and `cache` do not apply.
   """
   from prime_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
   codec = task.codec
@@ -51,6 +79,9 @@ def sample_text(data: build.Data, task: losses.Task, graphdef, params, *, num_sa
   if num_samples < 1 or batch_size < 1:
     raise ValueError(f'num_samples={num_samples} and batch_size={batch_size} must be >= 1.')
   carry_over = task.carry_over if carry_over is None else carry_over
+  if task.autoregressive:
+    steps, precision, cache = L - max(prefix_len, 1), 'fp32', False
+    draw_ar = autoregressive_sampler(graphdef, max(prefix_len, 1), nucleus_p)
   prefixes = None
   if prefix_len:
     it = data.iterator(split, train=False, batch_size=batch_size * jax.process_count())
@@ -80,9 +111,14 @@ def sample_text(data: build.Data, task: losses.Task, graphdef, params, *, num_sa
       keep[:, :prefix_len] = True
       condition = (jnp.asarray(cond), jnp.asarray(keep))
     tb = time.time()
-    out = samplers.sample(key, fn, codec, shape=(batch_size, L), num_steps=steps,
-                          carry_over=carry_over, nucleus_p=nucleus_p, precision=precision,
-                          cache=cache, condition=condition, params=params)
+    if task.autoregressive:
+      start_BxL = (jnp.full((batch_size, L), tokenizer.BOS_ID, jnp.int32) if condition is None
+                   else condition[0])
+      out = samplers.SampleOutput(draw_ar(key, params, start_BxL), steps, 0)
+    else:
+      out = samplers.sample(key, fn, codec, shape=(batch_size, L), num_steps=steps,
+                            carry_over=carry_over, nucleus_p=nucleus_p, precision=precision,
+                            cache=cache, condition=condition, params=params)
     tokens = np.asarray(jax.device_get(out.tokens))
     if compile_s is None:
       compile_s = time.time() - tb
@@ -103,8 +139,8 @@ def sample_text(data: build.Data, task: losses.Task, graphdef, params, *, num_sa
                  carry_over=carry_over, ell=codec.ell, nfe_per_batch=float(np.mean(nfe)),
                  idle_steps_per_batch=float(np.mean(idle)),
                  idle_fraction=float(np.mean(idle)) / steps,
-                 expected_idle_fraction=samplers.expected_idle_fraction(
-                     batch_size * L * codec.ell, steps),
+                 expected_idle_fraction=0.0 if task.autoregressive else
+                 samplers.expected_idle_fraction(batch_size * L * codec.ell, steps),
                  wall_s=wall, first_batch_s_with_compile=compile_s,
                  samples_per_s=num_samples / wall if wall > 0 else float('nan'))
   if prefixes is not None:
@@ -141,7 +177,7 @@ def run_sample(exp: build.Experiment, workdir: str, *,
   if scorer is not None:
     from prime_jax.metrics import genppl  # pylint: disable=import-outside-toplevel
     summary['generative'] = genppl.generative_perplexity([rec['text'] for rec in records], scorer)
-  tag = (f'samples_step{r.step}_T{s.steps}_{s.precision}'
+  tag = (f"samples_step{r.step}_T{summary['steps']}_{summary['precision']}"
          + (f'_p{s.prefix_len}' if s.prefix_len else ''))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, tag + '.jsonl'), 'w') as f:

@@ -163,10 +163,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     writer.print(f'Resumed from step {int(state.step)} in {ckpt.directory}')
   else:
     state = tr.init_state()
-  writer.print(f'MDM-Prime: C={tr.codec.vocab_size} ell={tr.codec.ell} base={tr.codec.base} '
-               f'params={tr.n_params:,} objective={tr.task.objective} '
-               f'carry_over={tr.task.carry_over} mesh={dict(tr.mesh.shape)} '
-               f'devices={jax.device_count()} ({jax.devices()[0].device_kind})')
+  C = tr.codec.vocab_size
+  what = (f'MDM-Prime: C={C} ell={tr.codec.ell} base={tr.codec.base} params={tr.n_params:,} '
+          f'objective={tr.task.objective} carry_over={tr.task.carry_over}')
+  if tr.task.autoregressive:
+    what = f'AR (autoregressive baseline): C={C} params={tr.n_params:,} objective=next-token NLL'
+  writer.print(f'{what} mesh={dict(tr.mesh.shape)} devices={jax.device_count()} '
+               f'({jax.devices()[0].device_kind})')
   peak = throughput.peak_flops_per_device(loop.peak_flops) * jax.device_count()
   tokens_per_step = exp.data.batch_size * math.prod(tr.token_shape)
   evaluator = None

@@ -27,8 +27,9 @@ def peak_flops_per_device(override: float = 0.0) -> float:
 
 
 def train_flops_per_token(model, token_shape: tuple[int, ...]) -> float:
-  """Forward + backward FLOPs per token of a (possibly abstract) model: the DiT's analytic count
-  (`models.dit.flops_per_token`), or 3 x the UNet's forward FLOPs per colour-channel token."""
+  """Forward + backward FLOPs per token of a (possibly abstract) model: the DiT's or the AR's
+  analytic count (`models.dit.flops_per_token`, `models.ar.flops_per_token`), or 3 x the UNet's
+  forward FLOPs per colour-channel token."""
   if hasattr(model, 'flops_per_token'):
     return float(model.flops_per_token(token_shape[0]))
   return 3.0 * model.forward_flops(*token_shape[:2]) / math.prod(token_shape)
