@@ -144,8 +144,9 @@ def _config_or_workdir(mode: str, workdir, argv):
   if cfg is not None:
     return cfg
   if mode in ('eval', 'sample', 'fid') and workdir:
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.isfile(path):
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    path = str(epath.Path(workdir) / 'config.json')  # local or gs://
+    if not epath.Path(path).exists():
       raise UsageError(f'--config is not given and {path} does not exist: pass the config the run '
                        'was trained with (--config configs/x.py), or the --workdir of a run.')
     from prime_jax import build  # pylint: disable=import-outside-toplevel
@@ -157,6 +158,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # keep Orbax/JAX INFO chatter out of the progress lines
+  from prime_jax import sharding  # pylint: disable=import-outside-toplevel
+  sharding.maybe_initialize_distributed()  # before anything touches a device
   try:
     if _WORKDIR.value is None and _MODE.value != 'bench':
       raise UsageError('--workdir is required for --mode ' + _MODE.value)

@@ -129,10 +129,24 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when launched as several processes: PRIME_JAX_DISTRIBUTED=1 (set
   by launch/tpu.py; Cloud TPU VMs expose their workers through metadata, not the environment), SLURM
-  with several tasks, or an explicit coordinator."""
+  with several tasks, or an explicit coordinator: JAX_COORDINATOR_ADDRESS=host:port with
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (any machines, CPU ones included: their collectives then
+  go through gloo)."""
   env = os.environ
   multi = (env.get('PRIME_JAX_DISTRIBUTED') == '1' or 'JAX_COORDINATOR_ADDRESS' in env
            or int(env.get('SLURM_NTASKS', '1')) > 1
            or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
-  if multi and not jax.distributed.is_initialized():
+  if not multi or jax.distributed.is_initialized():
+    return
+  if 'JAX_NUM_PROCESSES' in env or 'JAX_PROCESS_ID' in env:
+    missing = [k for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
+               if k not in env]
+    if missing:
+      raise ValueError(f'An explicit multi-process launch needs JAX_COORDINATOR_ADDRESS, '
+                       f'JAX_NUM_PROCESSES and JAX_PROCESS_ID; {", ".join(missing)} not set.')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                               num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  else:
     jax.distributed.initialize()

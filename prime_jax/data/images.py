@@ -262,15 +262,14 @@ def make_image_pipeline(source: str, split: str, *, batch_size: int, seed: int, 
   ds = grain.MapDataset.source(records)
   if with_mask:
     ds = ds.map_with_index(lambda i, record: (i, record))
-  ds = ds[shard_index::shard_count]
   if train:
-    if len(ds) == 0:
-      raise ValueError(f'Host shard {shard_index}/{shard_count} of {num_records} images is empty; '
-                       'use fewer hosts.')
-    ds = ds.shuffle(seed=int(seed)).repeat(None)  # reshuffled every epoch
-  ds = ds.map(_ToTokens(shape, with_mask))
-  if train and random_flip:
-    ds = ds.random_map(_random_flip, seed=int(seed))
+    ds = ds.shuffle(seed=int(seed)).repeat(None)  # one global order, reshuffled every epoch
+    ds = ds.map(_ToTokens(shape, with_mask))
+    if random_flip:  # keyed by the global position, so the same for any host count
+      ds = ds.random_map(_random_flip, seed=int(seed))
+    ds = pipeline.host_rows(ds, batch_size, shard_index, shard_count)
+  else:
+    ds = ds[shard_index::shard_count].map(_ToTokens(shape, with_mask))
   if with_mask:
     per_host = math.ceil(num_records / shard_count)
     target = math.ceil(per_host / batch_size) * batch_size

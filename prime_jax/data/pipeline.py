@@ -2,11 +2,14 @@
 
 Built on grain's MapDataset API (grain 0.2.18):
 
-    source -> [shard_index::shard_count] -> shuffle(seed) -> repeat() -> to int32 -> batch
-           -> to_iter_dataset(ReadOptions) [-> mp_prefetch(worker_count)] -> iterator
+    train: source -> shuffle(seed) -> repeat() -> this host's rows of each global batch
+    eval:  source -> [shard_index::shard_count]
+           -> to int32 -> batch -> to_iter_dataset(ReadOptions) [-> mp_prefetch(worker_count)]
 
-Sharding happens first, so every host reads a fixed, disjoint stride of the records, and each host
-shuffles its stride again every epoch (grain folds the epoch into the shuffle seed). Batching
+Training shuffles the whole source (again every epoch: grain folds the epoch into the seed) and
+each host reads its rows of every global batch (`host_rows`), so 1 process x 8 devices and 2 x 4
+train on the same batches in the same order. Evaluation gives every host a fixed stride of the
+records; each example carries its global index, which keys its randomness. Batching
 happens on the MapDataset, so the contents of a batch do not depend on the number of worker
 processes. Batches are dicts {'tokens': int32 (b, L)} with b the PER-HOST batch size; the global
 array is assembled by the trainer (`jax.make_array_from_process_local_data`).
@@ -105,6 +108,36 @@ def check_args(batch_size: int, seed: Any, worker_count: int) -> None:
     raise ValueError(f'worker_count={worker_count} must be >= 0 (0 reads in this process).')
 
 
+def host_rows(ds, batch_size: int, shard_index: int, shard_count: int):
+  """The rows [i b, (i + 1) b) of every global batch of b * shard_count consecutive records of
+  `ds`, for host i (b = the per-host batch): with the global batch laid out over the hosts'
+  devices in process order, every host count trains on the same global batches in the same order.
+  Random access, so the iterator state stays one index."""
+  if shard_count == 1:
+    return ds
+  grain = _grain()
+  glob = batch_size * shard_count
+
+  class _HostRows(grain.MapDataset):
+
+    def __init__(self, parent):
+      super().__init__(parent)
+
+    def __len__(self) -> int:
+      return len(self._parent) // glob * batch_size
+
+    def __getitem__(self, index):
+      if isinstance(index, slice):
+        return self.slice(index)
+      step, row = divmod(int(index), batch_size)
+      return self._parent[step * glob + shard_index * batch_size + row]
+
+    def __str__(self) -> str:
+      return f'HostRows(host={shard_index}/{shard_count}, batch={batch_size})'
+
+  return _HostRows(ds)
+
+
 def make_pipeline(sequences: Sequence[Any], *, seq_len: int, batch_size: int, seed: int,
                   train: bool, shard_index: Optional[int] = None,
                   shard_count: Optional[int] = None, worker_count: int = 0,
@@ -125,12 +158,11 @@ def make_pipeline(sequences: Sequence[Any], *, seq_len: int, batch_size: int, se
   ds = grain.MapDataset.source(sequences)
   if with_mask:
     ds = ds.map_with_index(lambda i, record: (i, record))
-  ds = ds[shard_index::shard_count]
   if train:
-    if len(ds) == 0:
-      raise ValueError(f'Host shard {shard_index}/{shard_count} of {num_records} sequences is '
-                       'empty; use fewer hosts or a larger corpus.')
-    ds = ds.shuffle(seed=int(seed)).repeat(None)  # reshuffled every epoch
+    # One global order, whatever the host count: each host reads its rows of every global batch.
+    ds = host_rows(ds.shuffle(seed=int(seed)).repeat(None), batch_size, shard_index, shard_count)
+  else:
+    ds = ds[shard_index::shard_count]
   ds = ds.map(_ToTokens(seq_len, vocab_size, with_mask))
   if with_mask:
     per_host = math.ceil(num_records / shard_count)

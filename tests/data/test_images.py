@@ -84,11 +84,14 @@ def test_determinism_and_checkpointable_state():
   np.testing.assert_array_equal(got['tokens'], want['tokens'])
 
 
-def test_train_shards_are_disjoint_strides(train_index):
-  for shard in range(2):
-    for b in _take(_pipe(shard_index=shard, shard_count=2), 2):
-      idx = [train_index[r.astype(np.uint8).tobytes()] for r in b['tokens']]
-      assert all(i % 2 == shard for i in idx)
+def test_training_hosts_read_their_rows_of_one_global_order():
+  # Host i's batch of a step is rows [i b, (i + 1) b) of the 1-host global batch, flips included.
+  single = _take(_pipe(batch_size=32, random_flip=True), 2)
+  hosts = [_take(_pipe(batch_size=16, shard_index=s, shard_count=2, random_flip=True), 2)
+           for s in range(2)]
+  for step in range(2):
+    np.testing.assert_array_equal(
+        single[step]['tokens'], np.concatenate([h[step]['tokens'] for h in hosts]))
 
 
 def test_eval_pass_is_sharded_in_order_and_padded():
