@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: add -m_n |i - j| to head n's attention logits, m_n = slope * 2**(-8n/N) (ALiBi's slopes
   # for slope = 2**(-8/N), made symmetric); 0 = none, the reference
   c.model.distance_bias_slope = 0.0
+  # text attention kernel: xla (any backend) | splash (Pallas, TPU) | cudnn (NVIDIA GPU, bf16)
+  c.model.attention = 'xla'
+  c.model.attention_block = (512, 512)  # splash tile sizes (q, kv), capped at data.seq_len
   # Initialisation (DiT); the defaults are the reference's.
   c.model.init = ml_collections.ConfigDict()
   c.model.init.head_scale = 0.0  # head kernel ~ U(±s/sqrt(D)); 0 = zeros, as the reference

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from prime_jax import losses
@@ -29,6 +30,7 @@ from prime_jax.diffusion import schedules, subtokens
 from prime_jax.diffusion.image_sampler import ImageSamplerSettings
 from prime_jax.kernels import head as head_kernel
 from prime_jax.models import ar, dit, unet
+from prime_jax.models import attention as attention_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +222,12 @@ def _model_factory(cfg, codec: subtokens.Codec, image: bool, token_shape):
         attention_resolutions=tuple(u.attention_resolutions), head_channels=u.head_channels,
         dropout=m.dropout, norm_groups=u.norm_groups, time_conditioning=m.time_conditioning,
         remat=m.remat, dtype=dtype)
+  _check(m.attention in attention_lib.IMPLEMENTATIONS,
+         f'model.attention={m.attention!r}: choose one of {list(attention_lib.IMPLEMENTATIONS)}.')
+  _check(not (m.attention == 'splash' and m.distance_bias_slope),
+         "model.attention='splash' takes no additive bias: set model.distance_bias_slope=0 or use "
+         "model.attention='xla'.")
+  attention = attention_lib.Attention(m.attention, *map(int, m.attention_block))
   if m.name == 'ar':
     _check(not m.scan_layers, "model.scan_layers=True is not supported for model.name='ar'.")
     _check(not m.remat, "model.remat=True is not supported for model.name='ar'.")
@@ -229,14 +237,14 @@ def _model_factory(cfg, codec: subtokens.Codec, image: bool, token_shape):
         ar.AR, vocab_size=codec.vocab_size, dim=m.dim, num_heads=m.num_heads,
         num_layers=m.num_layers, mlp_ratio=m.mlp_ratio, dropout=m.dropout, dtype=dtype,
         rope_base=m.rope_base, head_init_scale=m.init.head_scale,
-        distance_bias_slope=m.distance_bias_slope)
+        distance_bias_slope=m.distance_bias_slope, attention=attention)
   return functools.partial(
       dit.DiT, vocab_size=codec.vocab_size, base=codec.base, ell=codec.ell, dim=m.dim,
       num_heads=m.num_heads, num_layers=m.num_layers, cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio,
       dropout=m.dropout, time_conditioning=m.time_conditioning, scan_layers=m.scan_layers,
       remat=m.remat, dtype=dtype, head_init_scale=m.init.head_scale,
       adaln_init_scale=m.init.adaln_scale, rope_base=m.rope_base,
-      distance_bias_slope=m.distance_bias_slope)
+      distance_bias_slope=m.distance_bias_slope, attention=attention)
 
 
 def _sets(spec: str) -> tuple[tuple[str, str], ...]:
@@ -359,12 +367,11 @@ def experiment(cfg: ml_collections.ConfigDict) -> Experiment:
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """A config from 'configs/x.py[:arg]' (as --config takes it) or from a workdir's config.json."""
   path, _, arg = spec.partition(':') if not spec.endswith('.json') else (spec, '', '')
-  if not os.path.isfile(path):
+  if not (epath.Path(path).exists() if path.endswith('.json') else os.path.isfile(path)):
     raise FileNotFoundError(f'No config file at {path} (expected configs/x.py[:arg] or a '
                             'workdir\'s config.json).')
-  if path.endswith('.json'):
-    with open(path) as f:
-      cfg = ml_collections.ConfigDict(json.load(f))
+  if path.endswith('.json'):  # a workdir's, local or gs://
+    cfg = ml_collections.ConfigDict(json.loads(epath.Path(path).read_text()))
   else:
     module_spec = importlib.util.spec_from_file_location('_prime_jax_config', path)
     module = importlib.util.module_from_spec(module_spec)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prime_jax.models.attention import Attention
 from prime_jax.models.dit import apply_rotary, distance_bias, rotary_cos_sin
 from prime_jax.models.embed import SubtokenEmbed
 from prime_jax.models.layers import (
@@ -57,8 +58,9 @@ class ARBlock(nnx.Module):
   """Pre-norm causal transformer block without modulation or gates."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: int, dropout: float, *, dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, attention: Attention = Attention()):
     self.num_heads = num_heads
+    self.attention = attention
     self.norm1 = LayerNorm(dim, rngs=rngs)
     self.qkv = Dense(dim, (3, dim), names=('embed', 'qkv', 'heads'), use_bias=False, dtype=dtype,
                      rngs=rngs)
@@ -76,8 +78,7 @@ class ARBlock(nnx.Module):
     q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
     q, k = apply_rotary(q, cos_LxH, sin_LxH), apply_rotary(k, cos_LxH, sin_LxH)
     bias = None if bias_1xNxLxL is None else bias_1xNxLxL.astype(q.dtype)
-    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True,
-                                             implementation=None)
+    o_BxLxNxH = self.attention(q, k, v, causal=True, bias=bias)
     return self.attn_out(o_BxLxNxH.reshape(b, l, d))
 
   def __call__(self, x_BxLxD: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array,
@@ -131,7 +132,8 @@ class AR(nnx.Module):
   def __init__(self, *, vocab_size: int, dim: int, num_heads: int, num_layers: int,
                mlp_ratio: int = 4, dropout: float = 0.1, dtype=jnp.float32,
                rope_base: float = 10000.0, head_init_scale: float = 0.0,
-               distance_bias_slope: float = 0.0, scan_layers: bool = False, rngs: nnx.Rngs):
+               distance_bias_slope: float = 0.0, scan_layers: bool = False,
+               attention: Attention = Attention(), rngs: nnx.Rngs):
     if scan_layers:
       raise ValueError('The AR model runs its blocks unscanned (an nnx.List); scan_layers=True '
                        'is not supported for it.')
@@ -150,7 +152,8 @@ class AR(nnx.Module):
     self.mlp_ratio, self.dropout_rate, self.dtype = mlp_ratio, dropout, dtype
     self.rope_base, self.distance_bias_slope = rope_base, distance_bias_slope
     self.embed = SubtokenEmbed(vocab_size + 1, 1, dim, rngs=rngs)
-    self.blocks = nnx.List([ARBlock(dim, num_heads, mlp_ratio, dropout, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([ARBlock(dim, num_heads, mlp_ratio, dropout, dtype=dtype, rngs=rngs,
+                                    attention=attention)
                             for _ in range(num_layers)])
     self.final = ARFinalLayer(dim, vocab_size + 1, dtype=dtype, rngs=rngs,
                               head_init_scale=head_init_scale)

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prime_jax.models.attention import Attention
 from prime_jax.models.embed import SubtokenEmbed
 from prime_jax.models.layers import (
   Dense,
@@ -146,8 +147,10 @@ class DiTBlock(nnx.Module):
   """Pre-norm transformer block with adaLN shift/scale/gate; the identity at init (gates are 0)."""
 
   def __init__(self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: int, dropout: float, *,
-               dtype, rngs: nnx.Rngs, adaln_init_scale: float = 0.0):
+               dtype, rngs: nnx.Rngs, adaln_init_scale: float = 0.0,
+               attention: Attention = Attention()):
     self.num_heads = num_heads
+    self.attention = attention
     self.norm1 = LayerNorm(dim, rngs=rngs)
     self.norm2 = LayerNorm(dim, rngs=rngs)
     self.adaln = Dense(cond_dim, 6 * dim, names=('cond', 'modulation'),
@@ -168,9 +171,8 @@ class DiTBlock(nnx.Module):
     qkv_BxLx3xNxH = qkv_BxLx3xD.reshape(b, l, 3, self.num_heads, d // self.num_heads)
     q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
     q, k = apply_rotary(q, cos_LxH, sin_LxH), apply_rotary(k, cos_LxH, sin_LxH)
-    # Bidirectional; implementation=None lets XLA choose (cuDNN flash attention on GPU if eligible).
     bias = None if bias_1xNxLxL is None else bias_1xNxLxL.astype(q.dtype)
-    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=None)
+    o_BxLxNxH = self.attention(q, k, v, bias=bias)  # bidirectional
     return self.attn_out(o_BxLxNxH.reshape(b, l, d))
 
   def __call__(self, x_BxLxD: jax.Array, c_BxE: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array,
@@ -248,7 +250,8 @@ class DiT(nnx.Module):
                scan_layers: bool = False, remat: bool = False, dtype=jnp.float32,
                head_init_scale: float = 0.0, adaln_init_scale: float = 0.0,
                rope_base: float = 10000.0,
-               distance_bias_slope: float = 0.0, rngs: nnx.Rngs):
+               distance_bias_slope: float = 0.0, attention: Attention = Attention(),
+               rngs: nnx.Rngs):
     if base**ell < vocab_size:
       raise ValueError(f'base**ell = {base}**{ell} = {base**ell} < vocab_size = {vocab_size}: the '
                        f'digits cannot represent every token.')
@@ -276,7 +279,8 @@ class DiT(nnx.Module):
     self.embed = SubtokenEmbed(base + 1, ell, dim, rngs=rngs)
     self.time_embed = TimestepEmbedder(cond_dim, rngs=rngs)
     make_block = lambda r: DiTBlock(dim, num_heads, cond_dim, mlp_ratio, dropout, dtype=dtype,
-                                    rngs=r, adaln_init_scale=adaln_init_scale)
+                                    rngs=r, adaln_init_scale=adaln_init_scale,
+                                    attention=attention)
     if scan_layers:
       # One vmapped construction: every leaf gets a leading (S,) axis, named 'layers' in metadata.
       @nnx.split_rngs(splits=num_layers)
