@@ -61,3 +61,17 @@ def test_impossible_attention_settings_are_refused():
     Attention('splash', 128, 128)(q, q, q)
   with pytest.raises(ValueError, match='NVIDIA GPU'):
     Attention('cudnn')(q, q, q)  # this machine has no GPU
+
+
+def test_splash_runs_per_shard_under_a_mesh():
+  # Batch over 'data', heads over 'tensor': the kernel runs on each shard (shard_map).
+  from prime_jax import sharding
+  mesh = sharding.make_mesh({'data': 4, 'fsdp': 1, 'tensor': 2})
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(kk, (4, 128, 2, 32)) for kk in keys)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data', None, 'tensor', None))
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda *a: Attention('splash', 128, 128)(*a))(
+        *(jax.device_put(x, spec) for x in (q, k, v)))
+  assert out.sharding.spec == spec.spec
+  np.testing.assert_allclose(out, Attention('xla')(q, k, v), atol=2e-5)
