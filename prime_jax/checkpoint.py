@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 
@@ -50,6 +51,13 @@ def _damaged_message(directory: str, step: int, e: BaseException, steps) -> str:
           + pick)
 
 
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """WORKDIR/checkpoints: a URI workdir (gs://...) as given, a local one made absolute (Orbax
+  wants absolute paths)."""
+  workdir = os.fspath(workdir)
+  return epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / 'checkpoints'
+
+
 def _shape_fingerprint(abstract_state) -> dict[str, list[int]]:
   leaves = jax.tree_util.tree_leaves_with_path(abstract_state)
   return {jax.tree_util.keystr(p): list(x.shape) for p, x in leaves}
@@ -59,7 +67,7 @@ class Checkpointer:
   """Saves and restores {'state': TrainState, 'data': grain iterator} under WORKDIR/checkpoints."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -105,14 +113,14 @@ class Checkpointer:
   def _move_aside(self, step: int) -> str:
     """Renames a damaged step's folder (kept for inspection, invisible to Orbax), so that the
     retrained step can be saved under its number again."""
-    src = os.path.join(self.directory, str(step))
-    dst = f'{src}.damaged-{time.strftime("%Y%m%d-%H%M%S")}'
+    src = self.directory / str(step)
+    dst = src.parent / f'{src.name}.damaged-{time.strftime("%Y%m%d-%H%M%S")}'
     if jax.process_index() == 0:
-      os.rename(src, dst)
+      src.rename(dst)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint_move_aside_{step}')
     self.manager.reload()
-    return dst
+    return str(dst)
 
   def _restore(self, abstract_state, step: int, data_iterator):
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -158,7 +166,7 @@ def restore_params(workdir: str, abstract_params, *, step: Optional[int] = None,
   alone onto the shardings of `abstract_params`; the optimizer state is never read."""
   if which not in ('ema', 'params'):
     raise ValueError(f"which must be 'ema' or 'params', got {which!r}.")
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  directory = checkpoint_dir(workdir)
   manager = ocp.CheckpointManager(directory, item_names=('state', 'data', 'meta'),
                                   options=ocp.CheckpointManagerOptions(create=False))
   try:
@@ -189,8 +197,9 @@ def restore_params(workdir: str, abstract_params, *, step: Optional[int] = None,
   return restored[which], int(step)
 
 
-def write_json(path: str, obj: Any) -> None:
+def write_json(path: epath.PathLike, obj: Any) -> None:
+  """Process 0 writes `obj` to `path` (local or gs://...), creating its folder."""
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))

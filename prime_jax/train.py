@@ -9,6 +9,7 @@ resuming needs no saved RNG and results do not depend on how the batch is sharde
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from typing import Any, Optional
@@ -19,9 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
-from prime_jax import build, losses, optim, report
+from prime_jax import build, losses, optim, preemption, report, rundir
 from prime_jax import checkpoint as checkpoint_lib
 from prime_jax import evaluate as evaluate_lib
 from prime_jax import sharding as sharding_lib
@@ -148,14 +150,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   exp = build.experiment(cfg)
   tr = Trainer(exp, devices)
   loop = exp.loop
+  rundir.record_config(workdir, cfg.to_dict())  # another run's workdir is refused: nothing written
   writer = writer_lib.MetricWriter(workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=loop.keep_ckpts)
-  checkpoint_lib.write_json(f'{workdir}/config.json', cfg.to_dict())
   if jax.process_index() == 0:
     from clu import parameter_overview  # pylint: disable=import-outside-toplevel
-    with open(f'{workdir}/parameters.txt', 'w') as f:  # shapes only: nothing allocated
-      f.write(parameter_overview.get_parameter_overview(nnx.to_pure_dict(tr.abs_state.params),
-                                                        include_stats=False))
+    (epath.Path(workdir) / 'parameters.txt').write_text(  # shapes only: nothing allocated
+        parameter_overview.get_parameter_overview(nnx.to_pure_dict(tr.abs_state.params),
+                                                  include_stats=False))
   train_iter = exp.data.iterator('train', train=True)
   meta = {'config_summary': exp.summary}
   if ckpt.latest_step() is not None:
@@ -174,42 +176,64 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
   tokens_per_step = exp.data.batch_size * math.prod(tr.token_shape)
   evaluator = None
   start_step = int(state.step)
-  t_last, step_last = time.time(), start_step
-  t_start = t_last
+  if start_step >= loop.num_steps:
+    writer.print(f'Step {start_step} reaches train.num_steps={loop.num_steps}: nothing to train '
+                 '(raise train.num_steps to train further).')
+  writer.resume(start_step)  # what an earlier run logged after this step is dropped
+  writer.text(start_step, 'config', json.dumps(cfg.to_dict(), indent=2, sort_keys=True,
+                                               default=str))
+  mfu_note = ' (assumed peak)' if throughput.peak_is_assumed(loop.peak_flops) else ''
+  t_start = time.time()
+  clock = throughput.StepClock(start_step, t_start, loop.num_steps)
   last_eval = {}
-  for step in range(start_step, loop.num_steps):
-    state, metrics = tr.train_step(state, tr.global_batch(next(train_iter)))
-    done = step + 1
-    if done % loop.log_every == 0 or done == loop.num_steps:
-      m = jax.device_get(metrics)
-      if not bool(m['finite']):
-        ckpt.close()
-        raise FloatingPointError(
-            f'Non-finite loss or gradient at step {done} (loss={float(m["loss"])}, '
-            f'grad_norm={float(m["grad_norm"])}). The update was not applied; the last good '
-            f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or '
-            'check the data.')
-      now = time.time()
-      sps = (done - step_last) / max(now - t_last, 1e-9)
-      row = {k: float(v) for k, v in m.items() if k != 'finite'}
-      row.update(lr=float(tr.lr(done)), steps_per_sec=sps, tokens_per_sec=sps * tokens_per_step,
-                 mfu=sps * tokens_per_step * tr.flops_per_token / peak)
-      writer.write(done, row, prefix='train/')
-      eta = (loop.num_steps - done) / max(sps, 1e-9)
-      writer.print(f'step {done:>7d}/{loop.num_steps} loss {row["loss"]:.4f} '
-                   f'lr {row["lr"]:.2e} {sps:.2f} steps/s {row["tokens_per_sec"]:,.0f} tok/s '
-                   f'mfu {100 * row["mfu"]:.1f}% eta {_fmt_eta(eta)}')
-      t_last, step_last = now, done
-    if done % loop.eval_every == 0 or done == loop.num_steps:
-      evaluator = evaluator or tr.evaluator()
-      last_eval = evaluator.run(state.ema if exp.eval.use_ema else state.params)
-      writer.write(done, last_eval, prefix='eval/')
-      writer.print(f'eval step {done}: ' + report.format_eval(last_eval))
-      t_last = time.time()  # the evaluation's time is not training time
-    if done % loop.ckpt_every == 0 or done == loop.num_steps:
-      if not bool(jax.device_get(metrics['finite'])):
-        raise FloatingPointError(f'Non-finite loss at step {done}; not checkpointing.')
-      ckpt.save(done, state, train_iter, meta=meta)
+  with preemption.StopRequest() as stop:  # SIGTERM / SIGINT: checkpoint, then exit
+    for step in range(start_step, loop.num_steps):
+      t_call = time.time()
+      state, metrics = tr.train_step(state, tr.global_batch(next(train_iter)))
+      if step == start_step:
+        clock.exclude(time.time() - t_call)  # compilation is not training time
+      done = step + 1
+      if done % loop.log_every == 0 or done == loop.num_steps:
+        m = jax.device_get(metrics)
+        if not bool(m['finite']):
+          ckpt.close()
+          raise FloatingPointError(
+              f'Non-finite loss or gradient at step {done} (loss={float(m["loss"])}, '
+              f'grad_norm={float(m["grad_norm"])}). The update was not applied; the last good '
+              f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr or '
+              'check the data.')
+        sps, eta = clock.tick(done, time.time())
+        row = {k: float(v) for k, v in m.items() if k != 'finite'}
+        row.update(lr=float(tr.lr(done)), steps_per_sec=sps, tokens_per_sec=sps * tokens_per_step,
+                   mfu=sps * tokens_per_step * tr.flops_per_token / peak)
+        writer.write(done, row, prefix='train/')
+        writer.print(f'step {done:>7d}/{loop.num_steps} loss {row["loss"]:.4f} '
+                     f'lr {row["lr"]:.2e} {sps:.2f} steps/s {row["tokens_per_sec"]:,.0f} tok/s '
+                     f'mfu {100 * row["mfu"]:.1f}%{mfu_note} eta {_fmt_eta(eta)}')
+      stopping = done < loop.num_steps and stop.should_stop()
+      # Saved before the evaluation (asynchronously), so a preemption during it loses nothing.
+      if done % loop.ckpt_every == 0 or done == loop.num_steps or stopping:
+        if not bool(jax.device_get(metrics['finite'])):
+          raise FloatingPointError(f'Non-finite loss at step {done}; not checkpointing.')
+        ckpt.save(done, state, train_iter, meta=meta)
+      if stopping:
+        ckpt.close()  # waits until the checkpoint is complete, on every process
+        message = preemption.stopped_message(stop.signum, done, loop.num_steps, ckpt.directory)
+        writer.print(message)
+        writer.close()
+        raise preemption.Preempted(stop.signum, done, message)
+      if done % loop.eval_every == 0 or done == loop.num_steps:
+        t_eval = time.time()
+        evaluator = evaluator or tr.evaluator()
+        last_eval = evaluator.run(state.ema if exp.eval.use_ema else state.params, progress=True)
+        writer.write(done, last_eval, prefix='eval/')
+        writer.print(f'eval step {done}: ' + report.format_eval(last_eval))
+        clock.exclude(time.time() - t_eval)  # the evaluation's time is not training time
   ckpt.close()
   writer.close()
+  if int(state.step) == start_step and not last_eval:  # nothing trained: the finished run's result
+    previous = rundir.read_summary(workdir)
+    if previous is not None and previous.get('steps') == start_step:
+      return previous
+    last_eval = tr.evaluator().run(state.ema if exp.eval.use_ema else state.params)
   return dict(last_eval, steps=int(state.step), params=tr.n_params, wall_s=time.time() - t_start)

@@ -51,10 +51,12 @@ def test_ar_trains_evaluates_and_samples(tmp_path):
 
   # --mode eval on the checkpoint gives the same exact number (EMA weights both times).
   exp = build.experiment(cfg)
-  res = evaluate.run_eval(exp, workdir)['results'][0]
+  evaluated = evaluate.run_eval(exp, workdir)
+  res = evaluated['results'][0]
   assert res['nll'] == pytest.approx(summary['nll'], rel=1e-5) and res['num_t'] == 0
   assert 'PPL = exp(NLL)' in report.format_result(res)
-  with open(os.path.join(workdir, 'eval_step8.json')) as f:
+  assert os.path.basename(evaluated['file']).startswith('eval_step8_')
+  with open(evaluated['file']) as f:
     assert json.load(f)['results'][0]['autoregressive']
 
   # Ancestral sampling: unconditional from BOS, and after a kept prefix.

@@ -172,7 +172,8 @@ def test_eval_mode_writes_results_and_rejects_other_config(trained, tmp_path, mo
   assert n > cfg.eval.batch_size  # more than one batch: the extra set is really read whole
   assert extra['examples'] == n and extra['tokens'] == n * cfg.data.seq_len
   assert main['weights'] == extra['weights'] == 'ema' and main['step'] == 3
-  with open(os.path.join(workdir, f"eval_step{out['step']}.json")) as f:
+  assert os.path.basename(out['file']) == 'eval_step3_validation_b1x8_t1_wikitext2.json'
+  with open(out['file']) as f:
     saved = json.load(f)
   assert saved['results'][0]['nll'] == pytest.approx(out['results'][0]['nll'])
   assert all(r['ppl_bound'] > 1 for r in saved['results'])
@@ -235,8 +236,10 @@ def test_sample_mode_output(trained, precision):
                       'sample.precision': precision, 'sample.prefix_len': prefix,
                       'sample.nucleus_p': 0.9})
   summary = sample.run_sample(exp, workdir)
-  tag = f"samples_step{summary['step']}_T{steps}_{precision}_p{prefix}"
-  with open(os.path.join(workdir, tag + '.jsonl')) as f:
+  jsonl, summary_json = summary['files']
+  assert os.path.basename(jsonl) == (f"samples_step{summary['step']}_n3_T{steps}_{precision}"
+                                     f'_p{prefix}_top0.9.jsonl')
+  with open(jsonl) as f:
     records = [json.loads(line) for line in f]
   assert len(records) == 3 and [r['index'] for r in records] == [0, 1, 2]
   val = np.concatenate([b['tokens'][b['mask']] for b in pipeline.make_text_pipeline(
@@ -251,7 +254,7 @@ def test_sample_mode_output(trained, precision):
   nfe, idle = summary['nfe_per_batch'], summary['idle_steps_per_batch']
   assert steps <= nfe + idle <= steps + 1
   assert 0 < nfe <= steps + 1
-  with open(os.path.join(workdir, tag + '.json')) as f:
+  with open(summary_json) as f:
     assert json.load(f)['num_samples'] == 3
 
 

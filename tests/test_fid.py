@@ -9,6 +9,7 @@ import pytest
 from configs import sotu
 from prime_jax import build, evaluate, fid
 from prime_jax import train as train_lib
+from tests.metrics.test_writer import read_events
 from tests.test_image_runs import tiny_config
 
 
@@ -33,9 +34,17 @@ def test_fid_mode_micro(image_run):
   assert s['num_samples'] == 4 and s['num_steps'] == 4 and 0 < s['nfe_per_batch'] <= 4
   assert s['reference'] == 'fashion_mnist train, 8 images'
   assert 'unavailable' in s['inception_score'] and s['sampler']['precision'] == 'fp64'
-  with open(os.path.join(workdir, 'fid_step2_n4_T4.json')) as f:
+  assert os.path.basename(s['file']).startswith('fid_step2_n4_T4')
+  with open(s['file']) as f:
     assert json.load(f)['fid'] == pytest.approx(s['fid'])
   assert os.path.getsize(s['grid']) > 100
+  # The grid and the FID in the run's TensorBoard log, at the checkpoint's step.
+  shown = {t: (step, v) for t, step, v in read_events(os.path.join(workdir, 'tensorboard'))
+           if t.startswith('mode_fid/')}
+  (tag,) = [t for t, (_, v) in shown.items() if isinstance(v, np.ndarray)]
+  step, grid = shown[tag]
+  assert step == 2 and grid.shape[:2] == (2 + 30, 2 + 8 * 30)  # 4 images of 28 x 28, 8 a row
+  assert shown[tag + '/fid'] == (2, pytest.approx(s['fid']))
 
 
 @pytest.mark.slow  # trains the micro run (module fixture)
@@ -54,7 +63,7 @@ def test_image_eval_mode_reports_bpd(image_run):
   r = out['results'][0]
   assert 0 < r['bpd'] < 9 and r['bpd'] == pytest.approx(r['nll'] / np.log(2))
   assert r['weights'] == 'ema' and r['examples'] == 16 and r['step'] == 2
-  with open(os.path.join(workdir, 'eval_step2.json')) as f:
+  with open(out['file']) as f:
     assert json.load(f)['results'][0]['bpd'] == pytest.approx(r['bpd'])
 
 

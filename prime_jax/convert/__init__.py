@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
 from prime_jax import build, report, torchfile
@@ -159,8 +160,8 @@ def import_checkpoint(path: Union[str, os.PathLike], config, workdir: str, *,
   """Writes the file as a training checkpoint of WORKDIR (at the file's step) with the config
   used and a record of the conversion (converted.json). Refuses a workdir that has checkpoints."""
   from prime_jax import train  # pylint: disable=import-outside-toplevel
-  existing = os.path.join(workdir, 'checkpoints')
-  if os.path.isdir(existing) and os.listdir(existing):
+  existing = epath.Path(checkpoint_lib.checkpoint_dir(workdir))  # local or gs://
+  if existing.exists() and any(existing.iterdir()):
     raise FileExistsError(f'{workdir} already holds checkpoints ({existing}); import into a new '
                           '--workdir.')
   exp, conv, config = read(path, config, weights=weights)  # nothing is written before this works

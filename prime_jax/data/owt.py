@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 from prime_jax.data import assets, documents
 from prime_jax.data.documents import MAX_DOC_BYTES, ON_ERROR, REPORT
@@ -271,11 +272,11 @@ def owt_metadata(data_dir: Optional[os.PathLike], seq_len: Optional[int] = None)
   if data_dir is None:
     raise ValueError(f"source 'owt' needs data_dir (--config.data.data_dir), the folder of "
                      f"prepared shards. {hint}")
-  m = _PARTIAL.search(Path(data_dir).name)
+  m = _PARTIAL.search(epath.Path(data_dir).name)
   if m is not None:
     raise ValueError(f'{data_dir} is the unfinished output of a prepare run ({m["host"]}, pid '
                      f'{m["pid"]}) that did not complete; it is not data. {hint}')
-  path = Path(data_dir) / _META
+  path = epath.Path(data_dir) / _META  # a local folder or gs://bucket/folder
   if not path.exists():
     raise FileNotFoundError(f'No prepared OpenWebText in {data_dir} (no {_META}). {hint}')
   meta = json.loads(path.read_text())
@@ -290,7 +291,7 @@ def owt_source(data_dir: Optional[os.PathLike], split: str, seq_len: int):
   import grain  # pylint: disable=import-outside-toplevel
   meta = owt_metadata(data_dir, seq_len)
   names = meta['splits'][{'valid': 'validation'}.get(split, split)]['shards']
-  shards = [str(Path(data_dir) / s) for s in names]
+  shards = [str(epath.Path(data_dir) / s) for s in names]  # ArrayRecord reads gs:// itself
   if not shards:
     raise ValueError(f'{data_dir} holds no {split} sequences; prepare it with more documents.')
   return grain.sources.ArrayRecordDataSource(shards)

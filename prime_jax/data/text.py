@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 from prime_jax.data import assets, documents, owt, zeroshot
 from prime_jax.data.tokenizer import VOCAB_SIZE, get_tokenizer
@@ -133,7 +134,8 @@ def _lm1b_source(split: str, data_dir: Optional[str]) -> tuple[Any, str]:
     raise ValueError(f'LM1B {split} under {data_dir} is empty; prepare it again.')
   probe = [ds[i]['text'] for i in sorted({0, n // 2, n - 1})]
   blob = repr(probe).encode()
-  return ds, f'{os.path.abspath(data_dir)}|{n}|{hashlib.sha256(blob).hexdigest()}'
+  where = data_dir if '://' in data_dir else os.path.abspath(data_dir)
+  return ds, f'{where}|{n}|{hashlib.sha256(blob).hexdigest()}'
 
 
 def _lm1b_texts(ds: Any) -> list[str]:
@@ -252,7 +254,8 @@ def unigram_counts(source: str, split: str, seq_len: int, *,
   if source == 'owt':
     meta = owt.owt_metadata(data_dir, seq_len)
     name = meta['splits'][split]['unigram_counts']
-    return np.load(Path(data_dir) / name).astype(np.int64)
+    with (epath.Path(data_dir) / name).open('rb') as f:  # a local folder or gs://bucket/folder
+      return np.load(f).astype(np.int64)
   tokens_NxL = wrapped_tokens(source, split, seq_len, data_dir=data_dir)
   counts = np.zeros((VOCAB_SIZE,), np.int64)
   for start in range(0, tokens_NxL.shape[0], 4096):

@@ -390,6 +390,10 @@ def locate(name: str, split: str, data_dir: Optional[os.PathLike]
   if data_dir is None:
     raise ValueError(f'Zero-shot set {name!r} needs data_dir, the folder holding {patterns} '
                      f'(to get it: {fs.how_to_get}).')
+  if '://' in os.fspath(data_dir):
+    raise ValueError(f'Zero-shot set {name!r} is read from a local folder ({patterns} or a TFDS '
+                     f'folder), not from {data_dir}: copy it first (gsutil -m cp -r {data_dir} '
+                     'DIR) and pass eval.sets_dir=DIR.')
   data_dir = Path(data_dir)
   found = _find_local(fs, split, data_dir)
   missing = (f'Zero-shot set {name!r} ({split}) is not in {data_dir}: expected one of {patterns} '
@@ -428,7 +432,7 @@ def available(data_dir: Optional[os.PathLike]) -> list[str]:
   for name, zs in ZERO_SHOT.items():
     if name == 'moby_dick':
       present = assets.status(['moby_dick'])['moby_dick'] is None
-    elif data_dir is None:
+    elif data_dir is None or '://' in os.fspath(data_dir):  # local folders only (see locate)
       present = False
     elif name == 'lm1b':
       present = _tfds_prepared('lm1b', zs.split, Path(data_dir))

@@ -1,9 +1,11 @@
-"""Throughput figures: training FLOPs per token and the peak FLOP/s an MFU is measured against."""
+"""Throughput figures: training FLOPs per token, the peak FLOP/s an MFU is measured against, and
+the training rate and ETA with evaluations left out."""
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import jax
 
@@ -13,14 +15,26 @@ PEAK_FLOPS = {  # dense bf16 per device (fp32 for CPU), for the MFU estimate
 }
 
 
+def _known_peak(kind: str) -> Optional[float]:
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def peak_is_assumed(override: float = 0.0) -> bool:
+  """True when `peak_flops_per_device` guesses (no override, a device kind not in PEAK_FLOPS, e.g.
+  a CPU): an MFU against it is then printed as measured against an assumed peak."""
+  return override <= 0 and _known_peak(jax.devices()[0].device_kind) is None
+
+
 def peak_flops_per_device(override: float = 0.0) -> float:
   """`override` if > 0, else the device kind's dense peak (PEAK_FLOPS)."""
   if override > 0:
     return float(override)
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return flops
+  known = _known_peak(jax.devices()[0].device_kind)
+  if known is not None:
+    return known
   # CPU: ~70 GFLOP/s fp32 per core (measured: a 2048x256x50257 matmul runs at 93-138 GFLOP/s on
   # 2 cores).
   return 70e9 * (os.cpu_count() or 1) / max(jax.local_device_count(), 1)
@@ -33,3 +47,28 @@ def train_flops_per_token(model, token_shape: tuple[int, ...]) -> float:
   if hasattr(model, 'flops_per_token'):
     return float(model.flops_per_token(token_shape[0]))
   return 3.0 * model.forward_flops(*token_shape[:2]) / math.prod(token_shape)
+
+
+class StepClock:
+  """Training steps per second and the ETA of the remaining steps, with the time of evaluations
+  and of the first step's compilation left out (`exclude`): the rate of the window since the
+  last `tick` for the log line, the mean rate since the start for the ETA, so that neither jumps
+  after an evaluation."""
+
+  def __init__(self, step: int, now: float, num_steps: int):
+    self.num_steps = num_steps
+    self._start = self._last = (step, now)
+    self._excluded_total = self._excluded_window = 0.0
+
+  def exclude(self, seconds: float) -> None:
+    self._excluded_total += seconds
+    self._excluded_window += seconds
+
+  def tick(self, step: int, now: float) -> tuple[float, float]:
+    """(steps/s over the window since the last tick, ETA seconds of steps step..num_steps)."""
+    window = max(now - self._last[1] - self._excluded_window, 1e-9)
+    rate = (step - self._last[0]) / window
+    total = max(now - self._start[1] - self._excluded_total, 1e-9)
+    mean_rate = (step - self._start[0]) / total
+    self._last, self._excluded_window = (step, now), 0.0
+    return rate, (self.num_steps - step) / max(mean_rate, 1e-9)
