@@ -34,7 +34,6 @@ and logits; `dtype` for the matmuls and attention.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import jax
@@ -42,15 +41,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prime_jax.models.attention import Attention
-from prime_jax.models.dit import apply_rotary, distance_bias, rotary_cos_sin
+from prime_jax.models.dit import distance_bias, rotary_cos_sin, self_attention
 from prime_jax.models.embed import SubtokenEmbed
 from prime_jax.models.layers import (
   Dense,
-  HeadParam,
   LayerNorm,
+  OutputHead,
   dropout_key,
-  make_param,
-  uniform_init,
 )
 
 
@@ -73,13 +70,7 @@ class ARBlock(nnx.Module):
 
   def _attention(self, h_BxLxD: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array,
                  bias_1xNxLxL: Optional[jax.Array]) -> jax.Array:
-    b, l, d = h_BxLxD.shape
-    qkv_BxLx3xNxH = self.qkv(h_BxLxD).reshape(b, l, 3, self.num_heads, d // self.num_heads)
-    q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
-    q, k = apply_rotary(q, cos_LxH, sin_LxH), apply_rotary(k, cos_LxH, sin_LxH)
-    bias = None if bias_1xNxLxL is None else bias_1xNxLxL.astype(q.dtype)
-    o_BxLxNxH = self.attention(q, k, v, causal=True, bias=bias)
-    return self.attn_out(o_BxLxNxH.reshape(b, l, d))
+    return self_attention(self, h_BxLxD, cos_LxH, sin_LxH, bias_1xNxLxL, causal=True)
 
   def __call__(self, x_BxLxD: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array,
                key: Optional[jax.Array], deterministic: bool,
@@ -102,22 +93,15 @@ class ARFinalLayer(nnx.Module):
   def __init__(self, dim: int, num_outputs: int, *, dtype, rngs: nnx.Rngs,
                head_init_scale: float = 0.0):
     self.norm = LayerNorm(dim, rngs=rngs)
-    self.head = Dense(dim, num_outputs, names=('embed', 'vocab'), zero_init=True, dtype=dtype,
-                      param_type=HeadParam, rngs=rngs)
-    if head_init_scale > 0:
-      self.head.kernel = make_param(uniform_init(head_init_scale / math.sqrt(dim)),
-                                    ('embed', 'vocab'), (dim, num_outputs), rngs, jnp.float32,
-                                    HeadParam)
+    self.head = OutputHead(dim, num_outputs, dtype=dtype, rngs=rngs, init_scale=head_init_scale)
 
   def set_bias(self, bias_C: jax.Array) -> None:
     """Sets the first len(bias_C) output biases (e.g. the training unigram's log-probabilities)."""
-    n = min(self.head.bias.shape[0], bias_C.shape[0])
-    self.head.bias[...] = self.head.bias[...].at[:n].set(bias_C[:n])
+    self.head.set_bias(bias_C)
 
   def head_weights(self, num_classes: int, dtype) -> tuple[jax.Array, jax.Array]:
     """(kernel (D, num_classes), bias (num_classes,)) of the first `num_classes` outputs."""
-    return (self.head.kernel[...].astype(dtype)[:, :num_classes],
-            self.head.bias[...].astype(dtype)[:num_classes])
+    return self.head.weights(num_classes, dtype)
 
 
 class AR(nnx.Module):

@@ -55,11 +55,9 @@ from prime_jax.models.attention import Attention
 from prime_jax.models.embed import SubtokenEmbed
 from prime_jax.models.layers import (
   Dense,
-  HeadParam,
   LayerNorm,
+  OutputHead,
   dropout_key,
-  make_param,
-  uniform_init,
 )
 
 LOGICAL_AXIS_NAMES = ('layers', 'vocab', 'embed', 'qkv', 'heads', 'mlp', 'modulation', 'cond',
@@ -123,6 +121,19 @@ def timestep_features(sigma_B: jax.Array, dim: int = TIME_FEATURES,
   return jnp.concatenate([jnp.cos(args_BxFh), jnp.sin(args_BxFh)], axis=-1)
 
 
+def self_attention(block: nnx.Module, h_BxLxD: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array,
+                   bias_1xNxLxL: Optional[jax.Array], *, causal: bool) -> jax.Array:
+  """A block's attention sublayer: the fused qkv projection (`block.qkv`), rotary q and k, the
+  block's attention kernel (`block.attention`) and the output projection (`block.attn_out`)."""
+  b, l, d = h_BxLxD.shape
+  qkv_BxLx3xNxH = block.qkv(h_BxLxD).reshape(b, l, 3, block.num_heads, d // block.num_heads)
+  q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
+  q, k = apply_rotary(q, cos_LxH, sin_LxH), apply_rotary(k, cos_LxH, sin_LxH)
+  bias = None if bias_1xNxLxL is None else bias_1xNxLxL.astype(q.dtype)
+  o_BxLxNxH = block.attention(q, k, v, causal=causal, bias=bias)
+  return block.attn_out(o_BxLxNxH.reshape(b, l, d))
+
+
 def _modulate(h_BxLxD: jax.Array, shift_Bx1xD: jax.Array, scale_Bx1xD: jax.Array) -> jax.Array:
   return h_BxLxD * (1 + scale_Bx1xD.astype(jnp.float32)) + shift_Bx1xD.astype(jnp.float32)
 
@@ -166,14 +177,7 @@ class DiTBlock(nnx.Module):
 
   def _attention(self, h_BxLxD: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array,
                  bias_1xNxLxL: Optional[jax.Array]) -> jax.Array:
-    b, l, d = h_BxLxD.shape
-    qkv_BxLx3xD = self.qkv(h_BxLxD)
-    qkv_BxLx3xNxH = qkv_BxLx3xD.reshape(b, l, 3, self.num_heads, d // self.num_heads)
-    q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
-    q, k = apply_rotary(q, cos_LxH, sin_LxH), apply_rotary(k, cos_LxH, sin_LxH)
-    bias = None if bias_1xNxLxL is None else bias_1xNxLxL.astype(q.dtype)
-    o_BxLxNxH = self.attention(q, k, v, bias=bias)  # bidirectional
-    return self.attn_out(o_BxLxNxH.reshape(b, l, d))
+    return self_attention(self, h_BxLxD, cos_LxH, sin_LxH, bias_1xNxLxL, causal=False)
 
   def __call__(self, x_BxLxD: jax.Array, c_BxE: jax.Array, cos_LxH: jax.Array, sin_LxH: jax.Array,
                key: Optional[jax.Array], deterministic: bool,
@@ -211,22 +215,15 @@ class FinalLayer(nnx.Module):
     self.adaln = Dense(cond_dim, 2 * dim, names=('cond', 'modulation'),
                        zero_init=adaln_init_scale == 0, init_scale=adaln_init_scale, dtype=dtype,
                        rngs=rngs)
-    self.head = Dense(dim, num_outputs, names=('embed', 'vocab'), zero_init=True, dtype=dtype,
-                      param_type=HeadParam, rngs=rngs)
-    if head_init_scale > 0:
-      self.head.kernel = make_param(uniform_init(head_init_scale / math.sqrt(dim)),
-                                    ('embed', 'vocab'), (dim, num_outputs), rngs, jnp.float32,
-                                    HeadParam)
+    self.head = OutputHead(dim, num_outputs, dtype=dtype, rngs=rngs, init_scale=head_init_scale)
 
   def set_bias(self, bias_C: jax.Array) -> None:
     """Sets the first len(bias_C) output biases (e.g. the training unigram's log-probabilities)."""
-    n = min(self.head.bias.shape[0], bias_C.shape[0])
-    self.head.bias[...] = self.head.bias[...].at[:n].set(bias_C[:n])
+    self.head.set_bias(bias_C)
 
   def head_weights(self, num_classes: int, dtype) -> tuple[jax.Array, jax.Array]:
     """(kernel (D, num_classes), bias (num_classes,)) of the first `num_classes` outputs."""
-    return (self.head.kernel[...].astype(dtype)[:, :num_classes],
-            self.head.bias[...].astype(dtype)[:num_classes])
+    return self.head.weights(num_classes, dtype)
 
   def features(self, x_BxLxD: jax.Array, c_BxE: jax.Array) -> jax.Array:
     shift, scale = jnp.split(self.adaln(c_BxE)[:, None, :], 2, axis=-1)

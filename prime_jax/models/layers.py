@@ -114,3 +114,29 @@ def dropout_key(rngs: nnx.Rngs | nnx.RngStream | jax.Array | None) -> jax.Array:
   if isinstance(rngs, nnx.RngStream):
     return rngs()
   return rngs
+
+
+class OutputHead(nnx.Module):
+  """The Linear(D -> O) output head of the text models (the DiT's and the AR's `final.head`),
+  zero-initialised, or U(±init_scale / sqrt(D)) with init_scale > 0 (1 is PyTorch's default); the
+  bias starts at zero. Its parameters are `HeadParam`s: their own optimizer group."""
+
+  def __init__(self, dim: int, num_outputs: int, *, dtype, rngs: nnx.Rngs,
+               init_scale: float = 0.0):
+    self.kernel = make_param(zeros_init, ('embed', 'vocab'), (dim, num_outputs), rngs,
+                             jnp.float32, HeadParam)
+    self.bias = make_param(zeros_init, ('vocab',), (num_outputs,), rngs, jnp.float32, HeadParam)
+    if init_scale > 0:  # drawn third, so the random streams of existing runs stay as they were
+      self.kernel = make_param(uniform_init(init_scale / math.sqrt(dim)), ('embed', 'vocab'),
+                               (dim, num_outputs), rngs, jnp.float32, HeadParam)
+    self.dtype = dtype
+
+  def set_bias(self, bias_C: jax.Array) -> None:
+    """Sets the first len(bias_C) output biases (e.g. the training unigram's log-probabilities)."""
+    n = min(self.bias.shape[0], bias_C.shape[0])
+    self.bias[...] = self.bias[...].at[:n].set(bias_C[:n])
+
+  def weights(self, num_classes: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """(kernel (D, num_classes), bias (num_classes,)) of the first `num_classes` outputs."""
+    return (self.kernel[...].astype(dtype)[:, :num_classes],
+            self.bias[...].astype(dtype)[:num_classes])
