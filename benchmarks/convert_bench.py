@@ -15,7 +15,6 @@ The weights are random (their shapes are what matters for time and memory).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import subprocess
@@ -46,12 +45,10 @@ def write_file(setup: str, path: str) -> None:
                                    autoregressive=exp.task.autoregressive, scanned=False, step=1000,
                                    ema_decay=0.9999)
   params = [v for k, v in ckpt['state_dict'].items() if not k.endswith(text.INV_FREQ)]
-  ckpt['optimizer_states'] = [{'state': {i: {'step': np.float32(1000.0), 'exp_avg': p,
-                                              'exp_avg_sq': p * p} for i, p in enumerate(params)},
-                               'param_groups': [{'lr': 3e-4, 'params': list(range(len(params)))}]}]
-  ckpt['optimizer_states'][0]['state'] = {i: {k: np.asarray(v) for k, v in s.items()}
-                                          for i, s in ckpt['optimizer_states'][0]['state'].items()}
-  ckpt = collections.OrderedDict(ckpt)
+  state = {i: {'step': np.asarray(1000.0, np.float32), 'exp_avg': p, 'exp_avg_sq': p * p}
+           for i, p in enumerate(params)}
+  ckpt['optimizer_states'] = [{'state': state, 'param_groups': [
+      {'lr': 3e-4, 'params': list(range(len(params)))}]}]
   torchfile.write(ckpt, path)
 
 
