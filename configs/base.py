@@ -49,7 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.1
   c.model.time_conditioning = False  # the reference forces sigma = 0 (method.md §2.1)
   c.model.scan_layers = False
-  c.model.remat = False
+  # what the backward pass keeps of each block: none (everything) | full (the block's input only)
+  # | dots (every matmul output) | dots_no_batch (weight matmuls; attention scores recomputed)
+  c.model.remat = 'none'
   c.model.rope_base = 10000.0  # rotary frequencies base**(-2i/H), i < H/2; 10000 = the reference
   # > 0: add -m_n |i - j| to head n's attention logits, m_n = slope * 2**(-8n/N) (ALiBi's slopes
   # for slope = 2**(-8/N), made symmetric); 0 = none, the reference

@@ -29,7 +29,7 @@ from prime_jax import sharding as sharding_lib
 from prime_jax.diffusion import schedules, subtokens
 from prime_jax.diffusion.image_sampler import ImageSamplerSettings
 from prime_jax.kernels import head as head_kernel
-from prime_jax.models import ar, dit, unet
+from prime_jax.models import ar, dit, layers, unet
 from prime_jax.models import attention as attention_lib
 
 
@@ -213,6 +213,9 @@ def _model_factory(cfg, codec: subtokens.Codec, image: bool, token_shape):
   _check(m.dtype in ('float32', 'bfloat16'),
          f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}.")
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[m.dtype]
+  _check(isinstance(m.remat, bool) or m.remat in layers.REMAT_POLICIES,
+         f'model.remat={m.remat!r}: choose one of {list(layers.REMAT_POLICIES)}.')
+  remat = layers.remat_name(m.remat)
   if image:
     u = m.unet
     return functools.partial(
@@ -221,7 +224,7 @@ def _model_factory(cfg, codec: subtokens.Codec, image: bool, token_shape):
         channel_mult=tuple(u.channel_mult), num_res_blocks=u.num_res_blocks,
         attention_resolutions=tuple(u.attention_resolutions), head_channels=u.head_channels,
         dropout=m.dropout, norm_groups=u.norm_groups, time_conditioning=m.time_conditioning,
-        remat=m.remat, dtype=dtype)
+        remat=remat, dtype=dtype)
   _check(m.attention in attention_lib.IMPLEMENTATIONS,
          f'model.attention={m.attention!r}: choose one of {list(attention_lib.IMPLEMENTATIONS)}.')
   _check(not (m.attention == 'splash' and m.distance_bias_slope),
@@ -230,7 +233,7 @@ def _model_factory(cfg, codec: subtokens.Codec, image: bool, token_shape):
   attention = attention_lib.Attention(m.attention, *map(int, m.attention_block))
   if m.name == 'ar':
     _check(not m.scan_layers, "model.scan_layers=True is not supported for model.name='ar'.")
-    _check(not m.remat, "model.remat=True is not supported for model.name='ar'.")
+    _check(remat == 'none', "model.remat is not supported for model.name='ar': set it to 'none'.")
     _check(not m.time_conditioning,
            "model.time_conditioning=True: model.name='ar' has no time input; set it to False.")
     return functools.partial(
@@ -242,7 +245,7 @@ def _model_factory(cfg, codec: subtokens.Codec, image: bool, token_shape):
       dit.DiT, vocab_size=codec.vocab_size, base=codec.base, ell=codec.ell, dim=m.dim,
       num_heads=m.num_heads, num_layers=m.num_layers, cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio,
       dropout=m.dropout, time_conditioning=m.time_conditioning, scan_layers=m.scan_layers,
-      remat=m.remat, dtype=dtype, head_init_scale=m.init.head_scale,
+      remat=remat, dtype=dtype, head_init_scale=m.init.head_scale,
       adaln_init_scale=m.init.adaln_scale, rope_base=m.rope_base,
       distance_bias_slope=m.distance_bias_slope, attention=attention)
 

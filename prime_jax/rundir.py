@@ -25,8 +25,9 @@ RESUMABLE_FIELDS = (
     'train.num_steps', 'train.log_every', 'train.eval_every', 'train.ckpt_every',
     'train.keep_ckpts', 'train.peak_flops', 'train.bench_steps', 'eval.*', 'sample.*',
     'sampler.*', 'data.data_dir', 'data.worker_count', 'mesh.*',
-    # the same function by another kernel (splash / cuDNN attention equal XLA's)
-    'model.attention', 'model.attention_block')
+    # the same function by another kernel (splash / cuDNN attention equal XLA's) or with another
+    # rematerialisation policy
+    'model.attention', 'model.attention_block', 'model.remat')
 
 _ABSENT = object()
 

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prime_jax.models import layers
 from prime_jax.models.attention import Attention
 from prime_jax.models.embed import SubtokenEmbed
 from prime_jax.models.layers import (
@@ -244,7 +245,7 @@ class DiT(nnx.Module):
   def __init__(self, *, vocab_size: int, base: int, ell: int, dim: int, num_heads: int,
                num_layers: int, cond_dim: int = 128, mlp_ratio: int = 4, dropout: float = 0.1,
                time_conditioning: bool = False, mask_logit_in_head: Optional[bool] = None,
-               scan_layers: bool = False, remat: bool = False, dtype=jnp.float32,
+               scan_layers: bool = False, remat: bool | str = 'none', dtype=jnp.float32,
                head_init_scale: float = 0.0, adaln_init_scale: float = 0.0,
                rope_base: float = 10000.0,
                distance_bias_slope: float = 0.0, attention: Attention = Attention(),
@@ -333,9 +334,8 @@ class DiT(nnx.Module):
     def block_fn(block: DiTBlock, x: jax.Array, key: Optional[jax.Array]) -> jax.Array:
       return block(x, c_BxE, cos_LxH, sin_LxH, key, deterministic, bias_1xNxLxL)
 
-    if self.remat:
-      # Inside scan the loop boundary already stops CSE across layers, so prevent_cse can be off.
-      block_fn = nnx.remat(block_fn, prevent_cse=not self.scan_layers)
+    # Inside scan the loop boundary already stops CSE across layers, so prevent_cse can be off.
+    block_fn = layers.remat(block_fn, self.remat, prevent_cse=not self.scan_layers)
 
     if self.scan_layers:
       key_axis = None if keys_S is None else 0

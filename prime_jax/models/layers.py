@@ -140,3 +140,35 @@ class OutputHead(nnx.Module):
     """(kernel (D, num_classes), bias (num_classes,)) of the first `num_classes` outputs."""
     return (self.kernel[...].astype(dtype)[:, :num_classes],
             self.bias[...].astype(dtype)[:num_classes])
+
+
+# -- rematerialisation ---------------------------------------------------------------------------
+
+# model.remat: what the backward pass keeps of each block's forward pass (one block = one DiT layer
+# or one UNet resolution block); everything else is recomputed.
+REMAT_POLICIES = {
+    'none': None,  # keep everything (no remat)
+    'full': jax.checkpoint_policies.nothing_saveable,  # keep only the block inputs
+    # keep every matmul output (the attention scores included): cheapest recompute
+    'dots': jax.checkpoint_policies.dots_saveable,
+    # keep the weight matmuls' outputs, recompute the attention scores and everything elementwise
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_name(value) -> str:
+  """model.remat as a policy name; booleans (configs before policies had names) map to 'full' and
+  'none'."""
+  if isinstance(value, bool):
+    return 'full' if value else 'none'
+  if value not in REMAT_POLICIES:
+    raise ValueError(f'model.remat={value!r}: choose one of {list(REMAT_POLICIES)}.')
+  return value
+
+
+def remat(fn: Callable, policy, *, prevent_cse: bool = True) -> Callable:
+  """fn under nnx.remat with the named policy ('none' and False: fn itself)."""
+  name = remat_name(policy)
+  if name == 'none':
+    return fn
+  return nnx.remat(fn, policy=REMAT_POLICIES[name], prevent_cse=prevent_cse)

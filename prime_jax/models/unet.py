@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prime_jax.models import layers
 from prime_jax.models.dit import timestep_features
 from prime_jax.models.embed import SubtokenEmbed
 from prime_jax.models.layers import (
@@ -246,7 +247,7 @@ class UNet(nnx.Module):
                num_res_blocks: int = 5, attention_resolutions: Sequence[int] = (2,),
                head_channels: int = 64, dropout: float = 0.4, norm_groups: int = 32,
                time_conditioning: bool = False, mask_logit_in_head: Optional[bool] = None,
-               remat: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               remat: bool | str = 'none', dtype=jnp.float32, rngs: nnx.Rngs):
     if base**ell < vocab_size:
       raise ValueError(f'base**ell = {base}**{ell} = {base**ell} < vocab_size = {vocab_size}: the '
                        'digits cannot represent every pixel value.')
@@ -346,8 +347,7 @@ class UNet(nnx.Module):
 
     def run(block, x, key):
       return block(x, c_BxE, key, deterministic)
-    if self.remat:
-      run = nnx.remat(run)
+    run = layers.remat(run, self.remat)
 
     h = self.input_features(y_BxHxWxCxK)
     skips = [h]

@@ -362,11 +362,12 @@ def _loss_and_grads(model: DiT, y: jax.Array, key: jax.Array):
   return loss, nnx.to_pure_dict(grads)
 
 
-@pytest.mark.parametrize('scan', [False, True])
-def test_remat_same_values_and_grads(scan):
+@pytest.mark.parametrize('scan,policy', [(False, 'full'), (True, 'full'), (False, 'dots'),
+                                         (True, 'dots_no_batch')])
+def test_remat_same_values_and_grads(scan, policy):
   plain = _tiny(scan_layers=scan)
   _perturb(plain)
-  remat = _tiny(scan_layers=scan, remat=True)
+  remat = _tiny(scan_layers=scan, remat=policy)
   nnx.update(remat, nnx.state(plain, nnx.Param))
   y, key = _tokens(), jax.random.key(4)
   loss_a, grads_a = _loss_and_grads(plain, y, key)
@@ -376,6 +377,50 @@ def test_remat_same_values_and_grads(scan):
                grads_a, grads_b)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads_a))
   assert float(jnp.abs(grads_a['embed']['table']).max()) > 0
+
+
+def test_remat_policy_names_and_the_old_booleans():
+  from prime_jax.models import layers
+  assert layers.remat_name(True) == 'full' and layers.remat_name(False) == 'none'
+  with pytest.raises(ValueError, match="model.remat='everything'.*'dots_no_batch'"):
+    _tiny(remat='everything')(_tokens())
+
+
+def test_remat_policies_keep_less_for_the_backward_pass():
+  """What each policy saves shows in the residuals jax keeps between forward and backward:
+  none >= dots >= dots_no_batch >= full, and full keeps strictly less than none."""
+  _, params = nnx.split(_tiny(), nnx.Param)
+  y = _tokens()
+
+  def saved_bytes(policy):
+    g, _ = nnx.split(_tiny(remat=policy), nnx.Param)
+    f = lambda p: nnx.merge(g, p)(y).sum()
+    _, vjp = jax.vjp(f, params)  # a pytree whose leaves are the saved residuals (and params)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp) if hasattr(x, 'dtype'))
+
+  sizes = {p: saved_bytes(p) for p in ('none', 'dots', 'dots_no_batch', 'full')}
+  assert sizes['none'] >= sizes['dots'] >= sizes['dots_no_batch'] >= sizes['full'], sizes
+  assert sizes['full'] < sizes['none'], sizes
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  """bf16 compute with fp32 parameters: the loss and every gradient stay close to the fp32 ones
+  (bf16 keeps ~3 significant digits), and the parameters and gradients stay float32."""
+  fp32 = _tiny()
+  _perturb(fp32)
+  bf16 = _tiny(dtype=jnp.bfloat16)
+  nnx.update(bf16, nnx.state(fp32, nnx.Param))
+  y, key = _tokens(), jax.random.key(4)
+  loss_a, grads_a = _loss_and_grads(fp32, y, key)
+  loss_b, grads_b = _loss_and_grads(bf16, y, key)
+  assert all(g.dtype == np.float32 for g in jax.tree.leaves(grads_b))
+  np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=2e-2)
+  assert float(loss_b) != float(loss_a)  # the compute really ran in bf16
+  flat_a = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads_a)])
+  flat_b = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads_b)])
+  cosine = flat_a @ flat_b / np.linalg.norm(flat_a) / np.linalg.norm(flat_b)
+  assert cosine > 0.99, cosine
+  np.testing.assert_allclose(np.linalg.norm(flat_b), np.linalg.norm(flat_a), rtol=5e-2)
 
 
 # ------------------------------------------------------------------------------------------------
