@@ -1,16 +1,18 @@
 # prime_jax: two commands.
 #   make run   set up, fetch the offline assets, train + evaluate the embedded default (configs/sotu.py)
 #   make test  set up, fetch the offline assets, run the whole test suite
+# (make tpu-tools: the TPU compiler for --mode compile, in .tpu/; make test installs it too.)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+TPU_STAMP  := .tpu/.installed
 ASSET_GROUPS ?= text
 # The tests use every offline asset (text, images, FID network, scorer LM).
 TEST_ASSET_GROUPS ?= text images scorer
 
-.PHONY: run test setup assets clean-venv
+.PHONY: run test setup assets tpu-tools clean-venv
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +24,14 @@ $(STAMP): requirements.txt
 $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $(TEST_STAMP)
+
+# libtpu (requirements-tpu.txt) for --mode compile, kept out of the virtual environment: JAX would
+# otherwise try it as a backend on every run. prime_jax.compile finds it in .tpu/.
+$(TPU_STAMP): $(STAMP) requirements-tpu.txt
+	$(PY) -m pip install -q --no-deps --upgrade --target .tpu -r requirements-tpu.txt
+	touch $(TPU_STAMP)
+
+tpu-tools: $(TPU_STAMP)
 
 setup: $(STAMP)
 
@@ -35,11 +45,11 @@ run: assets
 # nothing: that must fail, not pass silently; a skipped test fails too (tests/conftest.py). The 15
 # slowest tests are listed at the end, to keep the suite within its ~15-minute budget
 # (`pytest -m "not slow"` leaves out the end-to-end runs while developing).
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(TPU_STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m prime_jax.data.assets fetch $(TEST_ASSET_GROUPS)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .tpu

@@ -141,6 +141,7 @@ class Experiment:
   sample: SampleSettings
   image_sampler: Optional[ImageSamplerSettings]  # images only
   mesh_axes: dict[str, int]
+  attention: str  # the text attention kernel (model.attention)
   summary: dict[str, Any]  # a few config values for checkpoint metadata and messages
 
   @property
@@ -361,7 +362,7 @@ def experiment(cfg: ml_collections.ConfigDict) -> Experiment:
       make_model=_model_factory(cfg, codec, image, token_shape), optim=optim,
       head_bias=cfg.model.init.head_bias, data=data, loop=loop, eval=ev, sample=sample,
       image_sampler=image_sampler_settings(cfg, schedule) if image else None,
-      mesh_axes=dict(cfg.mesh),
+      mesh_axes=dict(cfg.mesh), attention=str(cfg.model.attention),
       summary=dict(source=cfg.data.source, vocab_size=codec.vocab_size, ell=codec.ell,
                    model=cfg.model.name, dim=cfg.model.dim, layers=cfg.model.num_layers,
                    objective=d.objective, carry_over=bool(d.carry_over)))

@@ -152,12 +152,12 @@ class Evaluator:
     batch_sh = {'tokens': sharding_lib.batch_sharding(mesh, 1 + len(exp.token_shape)),
                 'mask': row, 'index': row}
     ref_sh = () if self.ref_log_p is None else (sharding_lib.replicated(mesh),)
-    self.step = jax.jit(functools.partial(eval_sums, graphdef=graphdef, task=task,
-                                          num_t=self.settings.num_t, seed=self.settings.seed,
-                                          t_fixed=t_fixed),
-                        in_shardings=(param_shardings, batch_sh) + ref_sh,
-                        # Replicated: every host reads the whole batch's per-example sums.
-                        out_shardings=sharding_lib.replicated(mesh))
+    self.step = sharding_lib.OnMesh(jax.jit(
+        functools.partial(eval_sums, graphdef=graphdef, task=task, num_t=self.settings.num_t,
+                          seed=self.settings.seed, t_fixed=t_fixed),
+        in_shardings=(param_shardings, batch_sh) + ref_sh,
+        # Replicated: every host reads the whole batch's per-example sums.
+        out_shardings=sharding_lib.replicated(mesh)), mesh)
 
   def sums(self, params, source: Optional[str] = None, split: Optional[str] = None, *,
            num_batches: Optional[int] = None, data_dir: Optional[str] = None,

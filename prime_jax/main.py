@@ -3,7 +3,9 @@
 Modes: train (resumes from WORKDIR), eval (valid-bound likelihood of a checkpoint on the validation
 split and the zero-shot sets of eval.sets), sample (text samples, NFE / idle steps, optional
 generative perplexity), fid (image samples with the paper's sampler, FID against the training set,
-a PNG grid), bench (synthetic batches: step time, tokens/s, MFU, memory).
+a PNG grid), bench (synthetic batches: step time, tokens/s, MFU, memory), compile (the train, eval
+and sampler steps compiled ahead of time for a TPU topology, --topology v5p-128: memory per chip and
+XLA's estimates; needs libtpu, `make tpu-tools`).
 
 Every other setting is a config field, overridden as --config.section.field=value (configs/base.py
 declares them all). eval, sample and fid read WORKDIR/config.json (the run's own config) when
@@ -25,10 +27,15 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and results go here.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'fid', 'bench'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'fid', 'bench', 'compile'],
                           'What to run.')
 _STEP = flags.DEFINE_integer('step', None, 'eval / sample / fid: the checkpoint step (default: the '
                              'latest).')
+
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'compile: a Cloud TPU accelerator type (v5p-128, '
+                                'v5e-256, v6e-64, v4-128) or chip grid (v5p:4x4x4).')
+_NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'compile: slices joined over the data-center '
+                                   'network (multislice); the mesh\'s data axis spans them.')
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
@@ -38,8 +45,17 @@ class UsageError(Exception):
   """A mistake in how the command was called; its message says what to change."""
 
 
-def run(cfg, mode: str, workdir: str, step=None):
+def run(cfg, mode: str, workdir: str, step=None, topology=None, num_slices=1):
   from prime_jax import build  # pylint: disable=import-outside-toplevel
+  if mode == 'compile':
+    if not topology:
+      raise UsageError('--mode compile needs --topology (e.g. --topology v5p-128).')
+    from prime_jax import compile as compile_lib  # pylint: disable=import-outside-toplevel
+    try:
+      return compile_lib.run(cfg, topology, num_slices, workdir)
+    except compile_lib.Unfit as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(3)
   exp = build.experiment(cfg)  # a config that cannot run stops here, before anything starts
   if mode == 'train':
     from prime_jax import report, train  # pylint: disable=import-outside-toplevel
@@ -161,10 +177,10 @@ def main(argv):
   from prime_jax import sharding  # pylint: disable=import-outside-toplevel
   sharding.maybe_initialize_distributed()  # before anything touches a device
   try:
-    if _WORKDIR.value is None and _MODE.value != 'bench':
+    if _WORKDIR.value is None and _MODE.value not in ('bench', 'compile'):
       raise UsageError('--workdir is required for --mode ' + _MODE.value)
     cfg = _config_or_workdir(_MODE.value, _WORKDIR.value, sys.argv)
-    run(cfg, _MODE.value, _WORKDIR.value, _STEP.value)
+    run(cfg, _MODE.value, _WORKDIR.value, _STEP.value, _TOPOLOGY.value, _NUM_SLICES.value)
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e) or os.environ.get('PRIME_JAX_TRACEBACK'):
       raise

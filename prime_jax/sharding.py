@@ -126,6 +126,30 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
           for k, v in local.items()}
 
 
+def target_platform() -> str:
+  """The platform a function being traced is compiled for: that of the mesh set by
+  `jax.set_mesh` (TPU when compiling ahead of time for a topology on a CPU machine), else the
+  default backend's."""
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  return getattr(device, 'platform', None) or jax.default_backend()
+
+
+class OnMesh:
+  """A jitted function that is traced, lowered and called with `jax.set_mesh(mesh)` active, so
+  that code inside it which needs the mesh (splash attention's per-shard kernel) sees it."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+
+
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when launched as several processes: PRIME_JAX_DISTRIBUTED=1 (set
   by launch/tpu.py; Cloud TPU VMs expose their workers through metadata, not the environment), SLURM

@@ -114,11 +114,11 @@ class Trainer:
     self.graphdef, self.abs_state, self.shardings = state_shardings(exp.make_model, self.tx,
                                                                     self.mesh)
     batch_sh = {'tokens': sharding_lib.batch_sharding(self.mesh, 1 + len(self.token_shape))}
-    self.train_step = jax.jit(
+    self.train_step = sharding_lib.OnMesh(jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, task=self.task, tx=self.tx,
                           ema_decay=exp.optim.ema_decay, seed=exp.loop.seed),
         in_shardings=(self.shardings, batch_sh), out_shardings=(self.shardings, None),
-        donate_argnums=0)
+        donate_argnums=0), self.mesh)
     self.n_params = build.count_params(self.abs_state.params)
     self.flops_per_token = throughput.train_flops_per_token(
         nnx.merge(self.graphdef, self.abs_state.params), self.token_shape)  # shapes only

@@ -23,6 +23,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from prime_jax import sharding
+
 IMPLEMENTATIONS = ('xla', 'splash', 'cudnn')
 
 
@@ -68,7 +70,7 @@ class Attention:
       raise ValueError(f'splash attention: the blocks ({bq}, {bkv}) must be multiples of 128 (the '
                        f'TPU lane width) that divide the sequence length {seq}; set '
                        'model.attention_block (and a data.seq_len that is a multiple of 128).')
-    interpret = jax.default_backend() != 'tpu' if self.interpret is None else self.interpret
+    interpret = sharding.target_platform() != 'tpu' if self.interpret is None else self.interpret
     mesh = jax.sharding.get_abstract_mesh()
     head_shards = mesh.shape.get('tensor', 1) if not mesh.empty else 1
     if heads % head_shards:

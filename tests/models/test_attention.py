@@ -75,3 +75,4 @@ def test_splash_runs_per_shard_under_a_mesh():
         *(jax.device_put(x, spec) for x in (q, k, v)))
   assert out.sharding.spec == spec.spec
   np.testing.assert_allclose(out, Attention('xla')(q, k, v), atol=2e-5)
+
