@@ -142,6 +142,7 @@ class Experiment:
   image_sampler: Optional[ImageSamplerSettings]  # images only
   mesh_axes: dict[str, int]
   attention: str  # the text attention kernel (model.attention)
+  dtype: str  # the compute dtype (model.dtype)
   summary: dict[str, Any]  # a few config values for checkpoint metadata and messages
 
   @property
@@ -160,10 +161,9 @@ class Experiment:
     return mesh
 
   def task_on(self, mesh) -> losses.Task:
-    """The task for a mesh: the head kernel's row compaction needs an unsharded batch for now."""
-    if mesh.shape.get('data', 1) * mesh.shape.get('fsdp', 1) > 1:
-      return dataclasses.replace(self.task, compaction=None)
-    return self.task
+    """The task for a mesh: the head kernel runs on each device's share of the batch (shard_map
+    over 'data' and 'fsdp'), with its row compaction per device, on every mesh."""
+    return dataclasses.replace(self.task, mesh=mesh)
 
   def head_bias_prior(self) -> Optional[np.ndarray]:
     """The head's initial bias: log p(token) of the training unigram with `model.init.head_bias =
@@ -363,6 +363,7 @@ def experiment(cfg: ml_collections.ConfigDict) -> Experiment:
       head_bias=cfg.model.init.head_bias, data=data, loop=loop, eval=ev, sample=sample,
       image_sampler=image_sampler_settings(cfg, schedule) if image else None,
       mesh_axes=dict(cfg.mesh), attention=str(cfg.model.attention),
+      dtype=str(cfg.model.dtype),
       summary=dict(source=cfg.data.source, vocab_size=codec.vocab_size, ell=codec.ell,
                    model=cfg.model.name, dim=cfg.model.dim, layers=cfg.model.num_layers,
                    objective=d.objective, carry_over=bool(d.carry_over)))

@@ -36,6 +36,9 @@ class Task:
   compaction: Optional[head_kernel.Compaction] = None
   # A causal model (models.ar) scored on the next token: no times, no masks; codec.ell == 1.
   autoregressive: bool = False
+  # The mesh the batch is split over (`Experiment.task_on`): the head kernel runs on each device's
+  # share of the batch (its compaction per device). None: the mesh set with `jax.set_mesh`, if any.
+  mesh: Optional[jax.sharding.Mesh] = None
 
 
 def noisy_batch(x0_BxS, key, task: Task):
@@ -71,7 +74,7 @@ def per_token_losses(params, graphdef, x0_BxS, t_B, y_t, task: Task, *, train: b
   return head_kernel.head_losses(h_BxLxD, kernel_DxC, bias_C, x0_BxS, y_t,
                                  task.schedule.weight(t_B), task.codec,
                                  carry_over=task.carry_over, with_nelbo=with_nelbo,
-                                 compaction=task.compaction)
+                                 compaction=task.compaction, mesh=task.mesh)
 
 
 def autoregressive_losses(params, graphdef, x0_BxL, task: Task, *, train: bool = False,
@@ -89,7 +92,7 @@ def autoregressive_losses(params, graphdef, x0_BxL, task: Task, *, train: bool =
   y_BxLx1 = jnp.full(targets_BxL.shape + (1,), task.codec.mask_id, jnp.int32)
   nll = head_kernel.head_losses(h_BxLxD, kernel_DxC, bias_C, targets_BxL, y_BxLx1,
                                 jnp.ones(x0_BxL.shape[:1], jnp.float32), task.codec,
-                                carry_over=False, with_nelbo=False)['paper']
+                                carry_over=False, with_nelbo=False, mesh=task.mesh)['paper']
   return {'nelbo': nll, 'paper': nll}
 
 
@@ -115,4 +118,5 @@ def reference_losses(log_p_C, x0_BxL, t_B, y_t, task: Task) -> jax.Array:
   kernel_1xC = jnp.zeros((1, log_p_C.shape[0]), jnp.float32)
   return head_kernel.head_losses(h_BxLx1, kernel_1xC, log_p_C.astype(jnp.float32), x0_BxL, y_t,
                                  task.schedule.weight(t_B), task.codec,
-                                 carry_over=task.carry_over, compaction=task.compaction)['nelbo']
+                                 carry_over=task.carry_over, compaction=task.compaction,
+                                 mesh=task.mesh)['nelbo']

@@ -91,11 +91,13 @@ def test_the_config_becomes_objects():
   assert model.dim == 128 and model.rope_base == 30.0 and model.distance_bias_slope == 2.0
 
 
-def test_the_batch_sharded_mesh_turns_compaction_off():
-  """The head kernel's row compaction gathers over the whole batch: on a mesh that splits the batch
-  the task runs the full head on every row (issue: per-device compaction)."""
+def test_the_task_on_a_mesh_keeps_compaction():
+  """The head kernel runs per batch shard on the task's mesh, so its row compaction stays on for
+  every mesh (tests/kernels/test_head.py: sharded = unsharded)."""
   exp = build.experiment(_sotu(**{'data.batch_size': 8, 'eval.batch_size': 8}))
-  assert exp.task_on(exp.mesh(jax.devices()[:1])).compaction is not None
-  assert exp.task_on(exp.mesh(jax.devices()[:8])).compaction is None
+  for n in (1, 8):
+    mesh = exp.mesh(jax.devices()[:n])
+    task = exp.task_on(mesh)
+    assert task.compaction == exp.task.compaction is not None and task.mesh is mesh
   with pytest.raises(ValueError, match='divisible'):
     build.experiment(_sotu(**{'data.batch_size': 6})).mesh(jax.devices()[:8])

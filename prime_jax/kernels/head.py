@@ -12,8 +12,10 @@ in flash attention), and a custom VJP recomputes each tile in the backward pass,
 
 Rows that need no logits are skipped inside the kernel (`Compaction`): under carry-over a fully
 visible token has one consistent class (both losses and their gradients are exactly 0), and a token
-with exactly one masked sub-token is consistent with at most b classes. The caller says only what
-share of rows to expect (`Compaction.expected`); the result is exact for any batch.
+with exactly one masked sub-token is consistent with at most b classes. Each call counts the rows
+each path needs and runs it on the smallest of a few fixed capacities that holds them (the dense
+head above 7/8 of the rows), so no batch overflows and the result is exact for any batch. On a mesh
+the kernel runs per batch shard (`jax.shard_map`), so the count and the capacity are per device.
 
 Gradients, per token with weight w, p_c = softmax over the consistent classes, P_j the marginal of
 digit j at the true digit and M the masked digits:
@@ -30,9 +32,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prime_jax import sharding
 from prime_jax.diffusion import parameterization
 
 NEG_INF = parameterization.NEG_INF
+
+
+def _on_accelerator() -> bool:
+  return sharding.target_platform() in ('tpu', 'gpu', 'cuda', 'rocm')
+
+
+def _unroll():
+  """The tile loop is unrolled on accelerators (XLA schedules the tiles' matmuls together, and its
+  cost analysis, which counts a loop body once, sees every tile); on a CPU a loop keeps the
+  working set of one tile in cache."""
+  return True if _on_accelerator() else 1
+
+
+def _tile_size(vocab_size: int, tile: int) -> int:
+  """The vocabulary tile: `tile` on a CPU (cache-sized); on accelerators, whose memory holds far
+  larger blocks, the vocabulary in ACCELERATOR_TILES equal tiles of a multiple of 128 lanes (fewer
+  unrolled tiles compile faster)."""
+  if not _on_accelerator():
+    return tile
+  per_tile = -(-vocab_size // ACCELERATOR_TILES)
+  return max(tile, -(-per_tile // 128) * 128)
+
+
+ACCELERATOR_TILES = 4
 
 
 def _tiles(W, b, codec, tile: int):
@@ -87,7 +114,8 @@ def _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile, keep_logits=Fa
 
   carry = (jnp.full((N,), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32),
            jnp.zeros((N,), jnp.float32), jnp.zeros((N, K), jnp.float32))
-  (m, s, z_x0, S), z_T = jax.lax.scan(step, carry, _tiles(W, b, codec, tile))
+  (m, s, z_x0, S), z_T = jax.lax.scan(step, carry, _tiles(W, b, codec, tile),
+                                      unroll=_unroll())
   lse = m + jnp.log(s)
   log_joint = z_x0 - lse
   # S_j >= exp(z_x0 - m); the max keeps log P_j finite if every term underflowed.
@@ -102,22 +130,10 @@ def _weighted(log_joint, log_marg, y, w, codec, with_nelbo):
   return paper, nelbo
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _losses(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
-  log_joint, log_marg, _, _ = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile)
-  return _weighted(log_joint, log_marg, y, w, codec, with_nelbo)
-
-
-def _losses_fwd(h, W, b, x0, y, w, codec, carry_over, with_nelbo, tile, keep_logits):
-  log_joint, log_marg, lse, z_T = _forward(h, W, b, x0, y, codec, carry_over, with_nelbo, tile,
-                                           keep_logits)
-  return (_weighted(log_joint, log_marg, y, w, codec, with_nelbo),
-          (h, W, b, x0, y, w, lse, jnp.exp(log_marg), z_T))
-
-
-def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangents):
-  h, W, b, x0, y, w, lse, P, z_T = res
-  g_paper, g_nelbo = cotangents
+def _full_backward(h, W, b, x0, y, w, lse, P, z_T, g_paper, g_nelbo, codec, carry_over,
+                   with_nelbo, tile):
+  """(dh, dW, db) of the full head on rows (h, x0, y, w) with the forward's lse and marginals P;
+  z_T (T, rows, V): the forward's logit tiles, or None to recompute them."""
   K = codec.ell
   x0_digits = codec.encode(x0)
   masked = (y == codec.mask_id).astype(jnp.float32)  # (N, K)
@@ -144,14 +160,11 @@ def _losses_bwd(codec, carry_over, with_nelbo, tile, keep_logits, res, cotangent
   N, D = h.shape
   W_T, b_T, classes, digits = _tiles(W, b, codec, tile)
   dh, (dW_T, db_T) = jax.lax.scan(step, jnp.zeros((N, D), jnp.float32),
-                                  (W_T, b_T, classes, digits, z_T))
+                                  (W_T, b_T, classes, digits, z_T), unroll=_unroll())
   C = W.shape[1]
   dW = dW_T.transpose(1, 0, 2).reshape(D, -1)[:, :C].astype(W.dtype)
   db = db_T.reshape(-1)[:C].astype(b.dtype)
-  return dh.astype(h.dtype), dW, db, None, None, None
-
-
-_losses.defvjp(_losses_fwd, _losses_bwd)
+  return dh.astype(h.dtype), dW, db
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +174,13 @@ class Compaction:
   single: rows with exactly one masked sub-token, scored over their <= b candidate classes
           (`single_digit_losses`) when single >= full; otherwise (or 0) they go to the full head.
   full:   rows with two or more masked sub-tokens, which always need the full head.
-  Fully visible rows cost nothing. The shares size fixed row capacities (`capacity`); a batch
-  above them takes an exact overflow path, so they buy speed, never correctness.
+  Fully visible rows cost nothing. The shares only decide whether the one-digit path runs: each
+  call counts its rows per path and picks the smallest of `buckets` fixed capacities that holds
+  them (`capacities`), so the work follows the batch's own noise levels and every batch is exact.
   """
   single: float
   full: float
+  buckets: int = 8  # capacities per path: multiples of 1/buckets of the rows (and 0 and all)
 
   @classmethod
   def expected(cls, schedule, ell: int, eps: float, n: int = 4096) -> Compaction:
@@ -209,103 +224,257 @@ def single_digit_losses(h_RxD, kernel_DxC, bias_C, x0_R, y_RxK, w_R, codec):
   return loss, loss
 
 
-def capacity(num_rows: int, share: float) -> int:
-  """Rows of a compacted chunk for a batch of `num_rows` tokens whose expected share is `share`:
-  the mean plus a margin of 2 % and 5 binomial standard deviations (the rows of an overflowing
-  batch beyond it go through a second chunk, so the margin buys speed, not correctness).
-  num_rows = off."""
-  if share <= 0.0:
-    return num_rows
-  cap = share * num_rows + 0.02 * num_rows + 5.0 * np.sqrt(num_rows * 0.25)
-  cap = int(np.ceil(cap / 8.0) * 8)  # a multiple of 8 keeps the matmuls aligned
-  return num_rows if cap >= 0.95 * num_rows else cap
+def capacities(num_rows: int, count: int = 8, max_share: float = 0.875) -> tuple[int, ...]:
+  """The static row capacities of a compacted path on `num_rows` rows, ascending: 0 (no row: the
+  path is skipped), multiples of num_rows / count up to max_share of the rows (rounded up to
+  multiples of 8, which keep the matmuls aligned), and num_rows (every row, no gather: a share
+  above max_share saves too little to pay for the gather). Each call takes the smallest capacity
+  that holds its rows, so the cost follows the batch's own count and no row ever overflows."""
+  caps = {0, num_rows}
+  for k in range(1, count):
+    if k / count <= max_share:
+      caps.add(min(num_rows, -(-k * num_rows // (count * 8)) * 8))
+  return tuple(sorted(caps))
 
 
-def _compacted(active_N, cap: int, run_rows):
-  """Runs `run_rows(rows, used, may_keep) -> (paper, nelbo)` on the active rows only: the first
-  `cap` of them in one chunk of fixed size, the rest (rare: a batch above the expected share plus
-  the margin) in an overflow chunk under `lax.cond`, skipped otherwise. Unused slots point at row 0
-  and must get weight 0. Returns (paper, nelbo) (N,), zero on inactive rows."""
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What `_rows_losses` does, static under jit: the row capacities of the full head (full_caps;
+  (N,) = every row, no compaction) and of the one-digit path (single_caps; () = off)."""
+  codec: object
+  carry_over: bool
+  with_nelbo: bool
+  tile: int
+  keep: bool  # keep the forward's logit tiles for the backward pass
+  full_caps: tuple[int, ...]
+  single_caps: tuple[int, ...]
+
+
+def _ranked(active_N):
+  """(row indices (N,) with the active rows first, in order, then N for the unused slots; the
+  number of active rows)."""
   N = active_N.shape[0]
-  n_active = jnp.sum(active_N.astype(jnp.int32))
-  # Rank of each active row among the active rows; row indices ordered by it.
+  n = jnp.sum(active_N.astype(jnp.int32))
   rank_N = jnp.where(active_N, jnp.cumsum(active_N.astype(jnp.int32)) - 1, N)
-  rows_R = jnp.zeros((N,), jnp.int32).at[rank_N].set(jnp.arange(N, dtype=jnp.int32), mode='drop')
-  used_R = jnp.arange(N) < n_active
+  rows = jnp.full((N,), N, jnp.int32).at[rank_N].set(jnp.arange(N, dtype=jnp.int32), mode='drop')
+  return rows, n
 
-  def chunk(lo, hi, may_keep=True):
-    r, u = rows_R[lo:hi], used_R[lo:hi]
-    p_R, n_R = run_rows(r, u, may_keep)
-    scatter = lambda v_R: jnp.zeros((N,), jnp.float32).at[r].add(jnp.where(u, v_R, 0.0))
-    return scatter(p_R), scatter(n_R)
 
-  paper, nelbo = chunk(0, cap)
-  if cap < N:
-    zeros = lambda: (jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32))
-    # The overflow chunk recomputes in the backward pass, so no (rows, C) residual crosses the
-    # lax.cond (a linearised cond carries the residuals of both branches).
-    p2, n2 = jax.lax.cond(n_active > cap, lambda: chunk(cap, N, may_keep=False), zeros)
-    paper, nelbo = paper + p2, nelbo + n2
-  return paper, nelbo
+def _paths(y_NxK, w_N, plan: _Plan):
+  """Per path (full, then single when on): (caps, rows (N,), bucket index, weights (N,) zero off
+  the path). The bucket is the smallest capacity that holds the path's rows."""
+  N = y_NxK.shape[0]
+  if plan.full_caps == (N,) and not plan.single_caps:
+    return [((N,), None, None, w_N)]
+  n_masked_N = jnp.sum((y_NxK == plan.codec.mask_id).astype(jnp.int32), axis=-1)
+  masks = [n_masked_N >= (2 if plan.single_caps else 1)]
+  if plan.single_caps:
+    masks.append(n_masked_N == 1)
+  out = []
+  for caps, active_N in zip((plan.full_caps, plan.single_caps), masks):
+    rows, n = _ranked(active_N)
+    index = jnp.sum((n > jnp.asarray(caps[:-1], jnp.int32)).astype(jnp.int32))
+    out.append((caps, rows, index, jnp.where(active_N, w_N, 0.0)))
+  return out
+
+
+def _gather(rows, cap: int, N: int):
+  """(take (N, ...) -> (cap, ...), put (cap, ...) -> (N, ...) zero elsewhere, used (cap,)) for the
+  first `cap` ranked rows; the identity on every row when cap == N (no gather)."""
+  if cap == N:
+    return (lambda v: v), (lambda v: v), None
+  r = rows[:cap]
+  take = lambda v: jnp.take(v, r, axis=0, mode='clip')  # unused slots read row N - 1 ...
+  put = lambda v: jnp.zeros((N,) + v.shape[1:], v.dtype).at[r].set(v, mode='drop')  # ... dropped
+  return take, put, r < N
+
+
+def _switch(index, branches, *operands):
+  """lax.switch, or the one branch called directly."""
+  if len(branches) == 1:
+    return branches[0](*operands)
+  return jax.lax.switch(index, branches, *operands)
+
+
+def _rows_fwd(h, W, b, x0, y, w, plan: _Plan):
+  """Both losses (N,) and the residuals of `_rows_losses`."""
+  N, K = y.shape
+  codec = plan.codec
+  T = -(-codec.vocab_size // plan.tile)
+  paths = _paths(y, w, plan)
+  caps, rows, index, w_full = paths[0]
+
+  def full(cap):
+    def branch(h, W, b, x0, y, w_full, rows):
+      z_shape = (T, N, plan.tile)
+      if cap == 0:
+        zero = jnp.zeros((N,), jnp.float32)
+        return (zero, zero, zero, jnp.ones((N, K), jnp.float32),
+                jnp.zeros(z_shape, jnp.float32) if plan.keep else None)
+      take, put, used = _gather(rows, cap, N)
+      w_r = take(w_full) if used is None else jnp.where(used, take(w_full), 0.0)
+      y_r = take(y)
+      log_joint, log_marg, lse, z_T = _forward(take(h), W, b, take(x0), y_r, codec,
+                                               plan.carry_over, plan.with_nelbo, plan.tile,
+                                               plan.keep)
+      paper, nelbo = _weighted(log_joint, log_marg, y_r, w_r, codec, plan.with_nelbo)
+      if z_T is not None and cap < N:
+        z_T = jnp.pad(z_T, ((0, 0), (0, N - cap), (0, 0)))
+      return put(paper), put(nelbo), put(lse), put(jnp.exp(log_marg)), z_T
+    return branch
+
+  paper, nelbo, lse, P, z_T = _switch(index, [full(c) for c in caps], h, W, b, x0, y, w_full,
+                                      rows)
+  if len(paths) > 1:
+    caps, rows, index, w_single = paths[1]
+    loss = _switch(index, [_single(c, plan, N) for c in caps], h, W, b, x0, y, w_single, rows)
+    paper = paper + loss
+    nelbo = nelbo + loss if plan.with_nelbo else nelbo
+  return (paper, nelbo), (h, W, b, x0, y, w, lse, P, z_T)
+
+
+def _single(cap: int, plan: _Plan, N: int, cotangent: bool = False):
+  """The one-digit path on the first `cap` ranked rows: its loss (N,), or with `cotangent` the
+  gradients (dh, dW, db) for a loss cotangent g (N,)."""
+  def branch(h, W, b, x0, y, w_single, rows, g=None):
+    if cap == 0:
+      zero = jnp.zeros((N,), jnp.float32)
+      return (jnp.zeros_like(h), jnp.zeros_like(W), jnp.zeros_like(b)) if cotangent else zero
+    take, put, used = _gather(rows, cap, N)
+    w_r = take(w_single) if used is None else jnp.where(used, take(w_single), 0.0)
+    x0_r, y_r = take(x0), take(y)
+    f = lambda h_r, W, b: single_digit_losses(h_r, W, b, x0_r, y_r, w_r, plan.codec)[0]
+    if not cotangent:
+      return put(f(take(h), W, b))
+    _, vjp = jax.vjp(f, take(h), W, b)
+    dh_r, dW, db = vjp(take(g))
+    return put(dh_r), dW, db
+  return branch
+
+
+def _rows_bwd(plan: _Plan, res, cotangents):
+  h, W, b, x0, y, w, lse, P, z_T = res
+  g_paper, g_nelbo = cotangents
+  N = y.shape[0]
+  paths = _paths(y, w, plan)
+  caps, rows, index, w_full = paths[0]
+
+  def full(cap):
+    def branch(h, W, b, x0, y, w_full, rows, lse, P, z_T, g_paper, g_nelbo):
+      if cap == 0:
+        return jnp.zeros_like(h), jnp.zeros_like(W), jnp.zeros_like(b)
+      take, put, used = _gather(rows, cap, N)
+      w_r = take(w_full) if used is None else jnp.where(used, take(w_full), 0.0)
+      z_r = None if z_T is None else (z_T if cap == N else z_T[:, :cap])
+      lse_r, P_r = take(lse), take(P)
+      if used is not None:  # unused slots read a row off the path: p = 0 and 1 / P finite there
+        lse_r, P_r = jnp.where(used, lse_r, jnp.inf), jnp.where(used[:, None], P_r, 1.0)
+      dh, dW, db = _full_backward(take(h), W, b, take(x0), take(y), w_r, lse_r, P_r, z_r,
+                                  take(g_paper), take(g_nelbo), plan.codec, plan.carry_over,
+                                  plan.with_nelbo, plan.tile)
+      return put(dh), dW, db
+    return branch
+
+  dh, dW, db = _switch(index, [full(c) for c in caps], h, W, b, x0, y, w_full, rows, lse, P, z_T,
+                       g_paper, g_nelbo)
+  if len(paths) > 1:
+    caps, rows, index, w_single = paths[1]
+    g = g_paper + g_nelbo if plan.with_nelbo else g_paper
+    dh2, dW2, db2 = _switch(index, [_single(c, plan, N, cotangent=True) for c in caps], h, W, b,
+                            x0, y, w_single, rows, g)
+    dh, dW, db = dh + dh2, dW + dW2, db + db2
+  return dh, dW, db, None, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _rows_losses(h, W, b, x0, y, w, plan: _Plan):
+  """(paper, nelbo) (N,) of rows (h (N, D), x0 (N,), y (N, K), w (N,)): the full head on the rows
+  that need it, gathered into the smallest capacity that holds them (`plan.full_caps`), and the
+  rows with one masked sub-token over their b candidates (`plan.single_caps`). Each path picks its
+  capacity per call under `lax.switch`, in the forward and in the backward pass, and keeps
+  residuals of one shape whatever it picked: per-row lse and marginals, and the logit tiles padded
+  to N rows."""
+  return _rows_fwd(h, W, b, x0, y, w, plan)[0]
+
+
+_rows_losses.defvjp(lambda h, W, b, x0, y, w, plan: _rows_fwd(h, W, b, x0, y, w, plan),
+                    _rows_bwd)
+
+
+BATCH_AXES = ('data', 'fsdp')  # the mesh axes that split the batch (prime_jax.sharding)
 
 
 def head_losses(h_BxLxD: jax.Array, kernel_DxC: jax.Array, bias_C: jax.Array, x0_BxL: jax.Array,
                 y_BxLxK: jax.Array, w_B: jax.Array, codec, *, carry_over: bool = True,
                 with_nelbo: bool = True, compaction: Compaction | None = None, tile: int = 2048,
-                keep_logits_bytes: int = 2**30) -> dict[str, jax.Array]:
+                keep_logits_bytes: int = 2**30, mesh=None) -> dict[str, jax.Array]:
   """Per-token {'paper', 'nelbo'} (B, L) from the head's input, without (B, L, C) logits.
 
   Same values as objectives.fused_losses(h @ kernel + bias, ...) with per-sequence loss weights
   w_B = w(t_B). Gradients flow to h, kernel and bias. `tile` is the vocabulary tile (a (B*L, tile)
   float32 block should fit in cache). The forward pass keeps its logit tiles for the backward pass
-  when they take at most `keep_logits_bytes` (saving one head matmul); larger batches recompute.
+  when they take at most `keep_logits_bytes` per device (saving one head matmul); larger batches
+  recompute.
 
   `compaction` (carry-over only; `Compaction.expected`) runs the full head on the rows that need it
-  alone, gathered into a fixed capacity; None runs the full head on every row. The rows with one
-  masked sub-token go over their b candidates when that takes at least as many rows off the full
-  head as it keeps (compaction.single >= compaction.full: ell = 2 under the log-linear schedule, 1/3
-  and 1/3 of the rows; at ell = 4, 1/5 against 3/5, the extra gather and chunk were measured
-  slower on a CPU). Every path gives the same values and gradients.
+  alone: each call counts them and gathers them into the smallest of a few fixed capacities that
+  holds them (`capacities`; above 7/8 of the rows, every row without a gather), so the work follows
+  the batch's own noise levels and no batch overflows. None runs the full head on every row. The
+  rows with one masked sub-token go over their b candidates when that takes at least as many rows
+  off the full head as it keeps (compaction.single >= compaction.full: ell = 2 under the log-linear
+  schedule, 1/3 and 1/3 of the rows; at ell = 4, 1/5 against 3/5, the extra gather and chunk were
+  measured slower on a CPU). Every path gives the same values and gradients.
+
+  Under a mesh (`mesh`, else the one set with `jax.set_mesh`, if any) the kernel runs on each
+  device's share of the batch (`jax.shard_map` over the mesh axes 'data' and 'fsdp'; the kernel and
+  bias are gathered whole onto every device and their gradients summed over the shards), so the
+  compaction is per device and exact on every mesh; without one it runs on the whole batch. Either
+  way it is the same function.
   """
   B, L, D = h_BxLxD.shape
-  N, K = B * L, codec.ell
+  K = codec.ell
   if kernel_DxC.shape != (D, codec.vocab_size) or bias_C.shape != (codec.vocab_size,):
     raise ValueError(f'The head kernel {kernel_DxC.shape} and bias {bias_C.shape} must be '
                      f'({D}, {codec.vocab_size}) and ({codec.vocab_size},): the features\' width '
                      "and the codec's classes.")
-  w_N = jnp.broadcast_to(jnp.asarray(w_B, jnp.float32)[:, None], (B, L)).reshape(-1)
-  h_NxD = h_BxLxD.reshape(N, D)
-  x0_N = jnp.asarray(x0_BxL).reshape(-1).astype(jnp.int32)
-  y_NxK = jnp.asarray(y_BxLxK).reshape(N, K).astype(jnp.int32)
+  w_B = jnp.broadcast_to(jnp.asarray(w_B, jnp.float32), (B,))
+  x0_BxL = jnp.asarray(x0_BxL).astype(jnp.int32)
+  y_BxLxK = jnp.asarray(y_BxLxK).reshape(B, L, K).astype(jnp.int32)
 
-  def full(h, x0, y, w, may_keep=True):
-    keep = may_keep and h.shape[0] * codec.vocab_size * 4 <= keep_logits_bytes
-    return _losses(h, kernel_DxC, bias_C, x0, y, w, codec, bool(carry_over), bool(with_nelbo),
-                   int(tile), keep)
+  def per_shard(h_bxLxD, kernel_DxC, bias_C, x0_bxL, y_bxLxK, w_b):
+    b = h_bxLxD.shape[0]
+    N = b * L
+    # Accelerators run every row through the full head: their matmul units make the skipped rows
+    # cheap, while each capacity is another branch to compile (minutes for a TPU) and a gather.
+    compact = compaction is not None and carry_over and not _on_accelerator()
+    single = (compact and K > 1 and 0 < compaction.single
+              and compaction.single >= compaction.full)
+    plan = _Plan(codec=codec, carry_over=bool(carry_over), with_nelbo=bool(with_nelbo),
+                 tile=_tile_size(codec.vocab_size, int(tile)),
+                 keep=N * codec.vocab_size * 4 <= keep_logits_bytes,
+                 full_caps=capacities(N, compaction.buckets) if compact else (N,),
+                 single_caps=capacities(N, compaction.buckets) if single else ())
+    w_N = jnp.broadcast_to(w_b[:, None], (b, L)).reshape(N)
+    paper, nelbo = _rows_losses(h_bxLxD.reshape(N, D), kernel_DxC, bias_C, x0_bxL.reshape(N),
+                                y_bxLxK.reshape(N, K), w_N, plan)
+    return paper.reshape(b, L), nelbo.reshape(b, L)
 
-  def single(h, x0, y, w, may_keep):
-    f = lambda h, x0, y, w, W, b: single_digit_losses(h, W, b, x0, y, w, codec)
-    # Remat in the overflow chunk: its (rows, b, D) residuals must not cross the lax.cond.
-    return (f if may_keep else jax.checkpoint(f))(h, x0, y, w, kernel_DxC, bias_C)
-
-  def on_rows(fn):
-    # Unused slots point at row 0 with weight 0: no loss and no gradient from them.
-    return lambda r, u, may_keep: fn(h_NxD[r], x0_N[r], y_NxK[r], jnp.where(u, w_N[r], 0.0),
-                                     may_keep)
-
-  n_masked_N = jnp.sum((y_NxK == codec.mask_id).astype(jnp.int32), axis=-1)
-  if compaction is None or not carry_over:
-    paper, nelbo = full(h_NxD, x0_N, y_NxK, w_N)
-  elif K > 1 and 0 < compaction.single and compaction.single >= compaction.full:
-    paper, nelbo = _compacted(n_masked_N == 1, capacity(N, compaction.single), on_rows(single))
-    p2, n2 = _compacted(n_masked_N >= 2, capacity(N, compaction.full), on_rows(full))
-    paper, nelbo = paper + p2, nelbo + n2
-  elif capacity(N, compaction.full + compaction.single) >= N:
-    paper, nelbo = full(h_NxD, x0_N, y_NxK, w_N)
-  else:  # every row with a masked sub-token through the full head
-    cap = capacity(N, compaction.full + compaction.single)
-    paper, nelbo = _compacted(n_masked_N >= 1, cap, on_rows(full))
-  out = {'paper': paper.reshape(B, L)}
+  args = (h_BxLxD, kernel_DxC, bias_C, x0_BxL, y_BxLxK, w_B)
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh.empty:
+    paper, nelbo = per_shard(*args)
+  else:
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    if B % shards:
+      raise ValueError(f'The head kernel splits the batch over the mesh axes {axes}: {B} '
+                       f'sequences do not divide into {shards} shards.')
+    P = jax.sharding.PartitionSpec
+    batch = P(axes or None)
+    paper, nelbo = jax.shard_map(per_shard, mesh=mesh,
+                                 in_specs=(batch, P(), P(), batch, batch, batch),
+                                 out_specs=(batch, batch), check_vma=False)(*args)
+  out = {'paper': paper}
   if with_nelbo:
-    out['nelbo'] = nelbo.reshape(B, L)
+    out['nelbo'] = nelbo
   return out

@@ -3,14 +3,18 @@ the training rate and ETA with evaluations left out."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import time
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
-PEAK_FLOPS = {  # dense bf16 per device (fp32 for CPU), for the MFU estimate
+PEAK_FLOPS = {  # dense bf16 per device (fp32 for CPU), for the MFU estimate; the first match wins
     'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v5': 459e12,  # how a v5p names itself
     'TPU v6 lite': 918e12, 'TPU v6e': 918e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
 }
 
@@ -38,6 +42,25 @@ def peak_flops_per_device(override: float = 0.0) -> float:
   # CPU: ~70 GFLOP/s fp32 per core (measured: a 2048x256x50257 matmul runs at 93-138 GFLOP/s on
   # 2 cores).
   return 70e9 * (os.cpu_count() or 1) / max(jax.local_device_count(), 1)
+
+
+def measure_matmul_flops(dtype=jnp.bfloat16, size: int = 0, repeats: int = 5) -> float:
+  """Measured dense matmul FLOP/s of one device: the best of `repeats` timed (size x size) @
+  (size x size) products in `dtype` (size 8192 on accelerators, 1024 on a CPU), compiled first.
+  The peak a model could reach on this device with this dtype, for an MFU against a measurement."""
+  device = jax.devices()[0]
+  size = size or (1024 if device.platform == 'cpu' else 8192)
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  chain = 8  # dependent products per timed call, so dispatch time does not count
+  f = jax.jit(lambda x, y: functools.reduce(lambda acc, _: (acc @ y) * 0.5, range(chain), x))
+  jax.block_until_ready(f(a, b))
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    best = min(best, time.perf_counter() - t0)
+  return chain * 2.0 * size**3 / best
 
 
 def train_flops_per_token(model, token_shape: tuple[int, ...]) -> float:

@@ -1,6 +1,8 @@
 """The vocabulary-tiled head kernel (prime_jax.kernels.head) + objectives equal the plain
 composition, in value and gradient, with and without row compaction."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,82 +94,87 @@ def test_kernel_must_cover_the_codec_classes(ell, compaction):
       run(W, b)
 
 
-# (ell, with_nelbo, compaction, t_range). 'full': Compaction(single=0, full=0.3), the full head
-# on every row with a masked sub-token; 'single': Compaction(single=0.3, full=0.3), the rows with
-# exactly one through the one-digit path; 'expected': Compaction.expected (the single-digit path
-# for ell > 1). t in (0.01, 0.2): the compact branch; (0.9, 1.0): overflow of the full head's
-# chunk; with the one-digit path (0.4, 0.6): overflow of the one-digit chunk.
-_COMPACT_CASES = [(ell, nelbo, mode, t_range)
-                  for ell, nelbo, mode in [(2, True, 'full'), (1, False, 'full'), (3, True, 'full'),
-                                           (2, True, 'single'), (3, False, 'single'),
-                                           (1, True, 'expected'), (2, True, 'expected'),
-                                           (3, True, 'expected')]
-                  for t_range in [(0.01, 0.2), (0.9, 1.0)] + (
-                      [(0.4, 0.6)] if mode != 'full' and ell > 1 else [])]
+# (ell, with_nelbo, compaction). 'full': Compaction(single=0, full=0.3), the full head on every row
+# with a masked sub-token; 'single': Compaction(single=0.3, full=0.3), the rows with exactly one
+# through the one-digit path; 'expected': Compaction.expected (the one-digit path for ell = 2). Two
+# buckets (capacities 0, N / 2 and N) keep the compile short; `capacities` is tested on its own.
+_COMPACT_CASES = [(2, True, 'full'), (1, False, 'full'), (3, True, 'full'), (2, True, 'single'),
+                  (3, False, 'single'), (1, True, 'expected'), (2, True, 'expected'),
+                  (4, True, 'expected')]
 
 
-def _compaction(mode, ell):
+def _compaction(mode, ell, buckets=2):
   if mode == 'full':
-    return head.Compaction(single=0.0, full=0.3)
+    return head.Compaction(single=0.0, full=0.3, buckets=buckets)
   if mode == 'single':
-    return head.Compaction(single=0.3, full=0.3)
-  return head.Compaction.expected(LOGLINEAR, ell, 1e-3)
+    return head.Compaction(single=0.3, full=0.3, buckets=buckets)
+  return dataclasses.replace(head.Compaction.expected(LOGLINEAR, ell, 1e-3), buckets=buckets)
 
 
-@pytest.mark.parametrize('ell,with_nelbo,mode,t_range', _COMPACT_CASES)
-def test_compact_head_equals_full_head(ell, with_nelbo, mode, t_range):
+def _bucket(count, caps):
+  return min(c for c in caps if c >= count)
+
+
+@pytest.mark.parametrize('ell,with_nelbo,mode', _COMPACT_CASES)
+def test_compact_head_equals_full_head(ell, with_nelbo, mode):
   """Running the head only on tokens with a masked sub-token (and, with the one-digit path, the
-  tokens with exactly one through their b candidates) changes no value and no gradient, whether
-  the rows fit their capacity (compacted) or not (the overflow chunks)."""
-  C, B, L, D = 300, 16, 64, 8
+  tokens with exactly one through their b candidates), gathered into the smallest capacity that
+  holds them, changes no value and no gradient, whichever capacity the batch picks: t = 0 (no
+  masked token: the path is skipped), t in (0.01, 0.2) (a gather), (0.9, 1.0) (every row, no
+  gather) and, with the one-digit path, (0.4, 0.6)."""
+  C, B, L, D = 300, 8, 32, 8
   codec = subtokens.Codec(C, ell)
   rng = np.random.default_rng(ell)
   h = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
   W = jnp.asarray(rng.normal(size=(D, C)), jnp.float32)
   b = jnp.asarray(rng.normal(size=(C,)), jnp.float32)
   x0 = jnp.asarray(rng.integers(0, C, (B, L)))
-  t = jnp.asarray(np.linspace(*t_range, B), jnp.float32)
-  y = forward.mask(jax.random.key(1), codec.encode(x0), t, schedule='loglinear',
-                   mask_id=codec.mask_id)
-  w_B = LOGLINEAR.weight(t)
   compaction = _compaction(mode, ell)
   single = ell > 1 and compaction.single > 0
   assert single == (mode != 'full' and ell > 1)
-  cap_full = head.capacity(B * L, compaction.full)
-  cap_single = head.capacity(B * L, compaction.single)
-  n_masked = jnp.sum(y == codec.mask_id, axis=-1)
-  n_full = int(jnp.sum(n_masked >= (2 if single else 1)))
-  n_single = int(jnp.sum(n_masked == 1))
-  assert cap_full < B * L
-  if t_range != (0.4, 0.6):
-    assert (n_full <= cap_full) == (t_range[1] < 0.5), (n_full, cap_full)
-  if single:  # the one-digit chunk overflows at t ~ 1/2, where ell t (1 - t)^(ell - 1) peaks
-    assert cap_single < B * L
-    overflows = t_range == (0.4, 0.6) and (ell == 2 or mode == 'expected')
-    assert (n_single > cap_single) == overflows, (n_single, cap_single)
+  caps = head.capacities(B * L, compaction.buckets)
+  assert caps == (0, B * L // 2, B * L)
 
-  def loss(h, W, b, compaction):
+  def loss(h, W, b, y, w_B, compaction):
     o = head.head_losses(h, W, b, x0, y, w_B, codec, tile=64, with_nelbo=with_nelbo,
                          compaction=compaction)
     total = o['paper'].sum() + (1.3 * o['nelbo'].sum() if with_nelbo else 0.0)
     return total, o
 
-  grad = lambda c: jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
-                           static_argnums=3)(h, W, b, c)
-  (_, o_ref), g_ref = grad(None)
-  (_, o), g = grad(compaction)
-  assert set(o) == set(o_ref) == ({'paper', 'nelbo'} if with_nelbo else {'paper'})
-  for k in o_ref:
-    np.testing.assert_allclose(o[k], o_ref[k], rtol=1e-5, atol=1e-5)
-  for a, c in zip(g, g_ref):
-    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5 * float(jnp.abs(c).max()))
-  # Fully visible tokens contribute nothing, so their features get no gradient.
-  visible = np.asarray(~jnp.any(y == codec.mask_id, axis=-1))
-  assert visible.any() or t_range[0] > 0.5
-  assert np.all(np.asarray(g[0])[visible] == 0)
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=5)
+  for t_range in [(0.0, 0.0), (0.01, 0.2), (0.9, 1.0)] + ([(0.4, 0.6)] if single else []):
+    t = jnp.asarray(np.linspace(*t_range, B), jnp.float32)
+    y = forward.mask(jax.random.key(1), codec.encode(x0), t, schedule='loglinear',
+                     mask_id=codec.mask_id)
+    w_B = LOGLINEAR.weight(jnp.maximum(t, 1e-3))
+    n_masked = jnp.sum(y == codec.mask_id, axis=-1)
+    cap_full = _bucket(int(jnp.sum(n_masked >= (2 if single else 1))), caps)
+    want = {(0.0, 0.0): 0, (0.01, 0.2): B * L // 2, (0.9, 1.0): B * L}.get(t_range)
+    assert cap_full == want or (single and t_range[0] > 0.3), (t_range, cap_full)
+    if single and t_range == (0.4, 0.6):
+      assert _bucket(int(jnp.sum(n_masked == 1)), caps) == B * L // 2
+    (_, o_ref), g_ref = grad(h, W, b, y, w_B, None)
+    (_, o), g = grad(h, W, b, y, w_B, compaction)
+    assert set(o) == set(o_ref) == ({'paper', 'nelbo'} if with_nelbo else {'paper'})
+    for k in o_ref:
+      np.testing.assert_allclose(o[k], o_ref[k], rtol=1e-5, atol=1e-5)
+    for a, c in zip(g, g_ref):
+      np.testing.assert_allclose(a, c, rtol=1e-4,
+                                 atol=1e-5 * max(float(jnp.abs(c).max()), 1e-6))
+    # Fully visible tokens contribute nothing, so their features get no gradient.
+    visible = np.asarray(~jnp.any(y == codec.mask_id, axis=-1))
+    assert visible.any() or t_range[0] > 0.5
+    assert np.all(np.asarray(g[0])[visible] == 0)
 
 
-def test_expected_compaction_and_capacity():
+def test_capacities():
+  assert head.capacities(1024) == (0, 128, 256, 384, 512, 640, 768, 896, 1024)
+  assert head.capacities(1000) == (0, 128, 256, 376, 504, 632, 752, 880, 1000)  # multiples of 8
+  assert head.capacities(12) == (0, 8, 12)
+  assert head.capacities(64, 2) == (0, 32, 64)
+
+
+def test_expected_compaction():
   # Log-linear schedule: 1 - alpha = t (up to eps), so E[1 - (1 - t)^ell] = ell / (ell + 1), and
   # E[ell t (1 - t)^(ell - 1)] = 1 / (ell + 1) tokens have exactly one masked sub-token.
   for ell in (1, 2, 4):
@@ -178,10 +185,51 @@ def test_expected_compaction_and_capacity():
     else:
       assert abs(c.single - 1 / (ell + 1)) < 2e-3, (ell, c)
       assert abs(c.full - (ell - 1) / (ell + 1)) < 2e-3, (ell, c)
-  assert head.capacity(2048, 0.0) == 2048  # off
-  assert head.capacity(2048, 0.9) == 2048  # too little to gain
-  cap = head.capacity(2048, 2 / 3)
-  assert 2 / 3 * 2048 < cap < 0.8 * 2048 and cap % 8 == 0
+
+
+@pytest.mark.parametrize('ell,axes', [
+    (2, {'data': 4, 'fsdp': 2, 'tensor': 1}), (4, {'data': 2, 'fsdp': 2, 'tensor': 2}),
+    (2, {'data': 1, 'fsdp': 1, 'tensor': 1})])
+def test_sharded_compact_head_equals_unsharded(ell, axes):
+  """On 8 fake devices the kernel runs on each device's sequences (shard_map over 'data' and
+  'fsdp'; the kernel sharded over 'fsdp' is gathered): with the expected compaction, one sequence
+  per shard at its own noise level (so shards pick different capacities), the losses and the
+  gradients of h, kernel and bias equal the unsharded full head; a 1-device mesh runs the same
+  function."""
+  from prime_jax import sharding
+  C, B, L, D = 300, 8, 32, 8
+  n = int(np.prod(list(axes.values())))
+  mesh = sharding.make_mesh(axes, jax.devices()[:n])
+  codec = subtokens.Codec(C, ell)
+  rng = np.random.default_rng(7)
+  h = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  W = jnp.asarray(rng.normal(size=(D, C)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(C,)), jnp.float32)
+  x0 = jnp.asarray(rng.integers(0, C, (B, L)))
+  t = jnp.asarray([0.0, 0.05, 0.2, 0.4, 0.5, 0.7, 0.9, 1.0], jnp.float32)
+  y = forward.mask(jax.random.key(2), codec.encode(x0), t, schedule='loglinear',
+                   mask_id=codec.mask_id)
+  w_B = LOGLINEAR.weight(jnp.maximum(t, 1e-3))
+  compaction = _compaction('expected', ell)  # per shard (32 rows): capacities 0, 16 and 32
+
+  def loss(h, W, b, x0, y, w_B, compaction, mesh):
+    o = head.head_losses(h, W, b, x0, y, w_B, codec, tile=64, compaction=compaction, mesh=mesh)
+    return o['paper'].sum() + 1.3 * o['nelbo'].sum(), o
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+  (_, o_ref), g_ref = jax.jit(grad, static_argnums=(6, 7))(h, W, b, x0, y, w_B, None, None)
+  spec = lambda *s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
+  batch = sharding.BATCH_AXES
+  args = (jax.device_put(h, spec(batch)), jax.device_put(W, spec('fsdp')),
+          jax.device_put(b, spec()), jax.device_put(x0, spec(batch)),
+          jax.device_put(y, spec(batch)), jax.device_put(w_B, spec(batch)))
+  (_, o), g = jax.jit(grad, static_argnums=(6, 7))(*args, compaction, mesh)
+  if n > 1:
+    assert o['paper'].sharding.spec[0] == batch
+  for k in ('paper', 'nelbo'):
+    np.testing.assert_allclose(o[k], o_ref[k], rtol=1e-5, atol=1e-5)
+  for a, c in zip(g, g_ref):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5 * float(jnp.abs(c).max()))
 
 
 @pytest.mark.parametrize('C,ell,shuffle', [

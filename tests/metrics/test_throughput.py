@@ -38,3 +38,17 @@ def test_peak_is_assumed_unless_known_or_given(monkeypatch):
   Device.device_kind = 'NVIDIA H100 80GB HBM3'
   assert not throughput.peak_is_assumed(0.0)
   assert throughput.peak_flops_per_device() == 989e12
+
+
+def test_bench_counts_the_model_flops_against_both_peaks():
+  """--mode bench: tokens/s from the step time; the MFU against the documented peak and against
+  the matmul it measures count the same model FLOPs (the analytic count, every row through the
+  full head)."""
+  from prime_jax import bench, build
+  from tests.test_train import tiny_config
+  cfg = tiny_config(**{'train.bench_steps': 2})
+  r = bench.run(build.experiment(cfg))
+  assert r['tokens_per_s'] == pytest.approx(r['batch'] * r['seq_len'] / r['step_s'])
+  assert r['measured_matmul_flops'] > 0
+  model_flops_s = r['mfu'] * r['peak_flops']
+  assert r['mfu_measured_peak'] * r['measured_matmul_flops'] == pytest.approx(model_flops_s)
