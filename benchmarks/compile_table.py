@@ -1,8 +1,8 @@
 """The pod table: owt small and medium at the reference global batch 512 x 1024, compiled ahead of
 time for TPU topologies (`--mode compile`, XLA's estimates, not measurements).
 
-  python benchmarks/compile_table.py                      # every row below, into docs figures
-  python benchmarks/compile_table.py --rows small:4 --topologies v5p-128 --out /tmp/t.json
+  python benchmarks/compile_table.py                      # every row below, splash attention
+  python benchmarks/compile_table.py --rows small:4 --topologies v5p-128 --attention xla
 
 Each row is compiled in its own process (memory stays bounded) with a data-parallel mesh and no
 remat first; a step that does not fit is retried with the next candidate (fsdp over the slice,
@@ -32,6 +32,7 @@ CANDIDATES = (  # (label, config overrides), tried in order until one fits
 
 
 def compile_once(row: str, topology: str, overrides: list[str]) -> tuple[int, dict, str]:
+  """(exit status, the JSON report, the last stderr line) of one `--mode compile` process."""
   size, ell = row.split(':')
   with tempfile.TemporaryDirectory() as workdir:
     cmd = [sys.executable, '-m', 'prime_jax.main', '--mode', 'compile', '--topology', topology,
@@ -47,6 +48,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--rows', default=','.join(ROWS))
   ap.add_argument('--topologies', default=','.join(TOPOLOGIES))
+  ap.add_argument('--attention', default='splash', help='model.attention: splash | xla')
   ap.add_argument('--out', default='')
   args = ap.parse_args()
   table = []
@@ -54,11 +56,13 @@ def main():
     for row in args.rows.split(','):
       for label, overrides in CANDIDATES:
         t0 = time.time()
-        rc, r, err = compile_once(row, topology, overrides)
+        rc, r, err = compile_once(row, topology,
+                                  overrides + [f'--config.model.attention={args.attention}'])
         took = time.time() - t0
         if rc == 0:
           t = r['programs']['train']
-          entry = dict(row=row, topology=topology, candidate=label, fits=True,
+          entry = dict(row=row, topology=topology, candidate=f'{label}, {args.attention}',
+                       fits=True,
                        gib_per_chip=t['memory_bytes']['total'] / 2**30,
                        est_step_ms=1e3 * t['xla_estimated_s'], est_mfu=t['estimated_mfu'],
                        est_tokens_per_s_per_chip=t['estimated_tokens_per_s_per_chip'],
@@ -66,8 +70,8 @@ def main():
                        xla_to_analytic_flops=t['xla_to_analytic_flops'],
                        collectives=t['collectives'])
           break
-        entry = dict(row=row, topology=topology, candidate=label, fits=False, error=err,
-                     compile_s=took)
+        entry = dict(row=row, topology=topology, candidate=f'{label}, {args.attention}',
+                     fits=False, error=err, compile_s=took)
         if rc != 3:
           break  # not a memory problem: the next candidate would not help
       table.append(entry)

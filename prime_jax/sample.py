@@ -27,10 +27,16 @@ from prime_jax.diffusion import samplers
 from prime_jax.metrics import writer as writer_lib
 
 
-def _logits_fn(graphdef):
-  def fn(params, y_BxLxK):
-    return nnx.merge(graphdef, params)(y_BxLxK)
-  return fn
+def _network(graphdef, params):
+  """The model as the sampler takes it: a `samplers.SplitNetwork` when the model exposes its trunk
+  and head separately (the DiT's `features` and `head_weights`), so the sampler applies the C-way
+  head only at the positions that draw a token; else its logits function."""
+  model = nnx.merge(graphdef, params)
+  if hasattr(model, 'features') and hasattr(model, 'head_weights'):
+    return samplers.SplitNetwork(
+        features=lambda p, y_BxLxK: nnx.merge(graphdef, p).features(y_BxLxK),
+        head=lambda p: nnx.merge(graphdef, p).head_weights())
+  return lambda p, y_BxLxK: nnx.merge(graphdef, p)(y_BxLxK)
 
 
 def autoregressive_sampler(graphdef, start: int, nucleus_p: float = 1.0):
@@ -96,7 +102,7 @@ def sample_text(data: build.Data, task: losses.Task, graphdef, params, *, num_sa
                        f'{num_samples} prefixes; ask for fewer samples.')
     prefixes = np.stack(rows[:num_samples]).astype(np.int32)
   tok = tokenizer.get_tokenizer()
-  fn = _logits_fn(graphdef)
+  fn = None if task.autoregressive else _network(graphdef, params)
   records, nfe, idle, batches = [], [], [], 0
   bar = report.progress(num_samples, 'sampling', 'sample') if progress else None
   t0 = time.time()

@@ -105,16 +105,18 @@ def exact_output_distribution(codec, L, table, q, carry_over, nucleus_p, final):
   return out
 
 
-@pytest.mark.parametrize('C,ell,carry_over,nucleus_p,precision', [
-    (4, 1, True, 1.0, 'fp64'),  # MDLM's cached sampler (argmax noise removal)
-    (5, 2, True, 1.0, 'fp64'),
-    (5, 2, False, 1.0, 'fp64'),  # invalid codes can be produced without carry-over
-    (5, 2, True, 0.8, 'fp64'),
-    (5, 2, True, 1.0, 'fp32_hires'),
-    (5, 2, True, 1.0, 'fp32'),
+@pytest.mark.parametrize('C,ell,carry_over,nucleus_p,precision,shuffle', [
+    (4, 1, True, 1.0, 'fp64', None),  # MDLM's cached sampler (argmax noise removal)
+    (5, 2, True, 1.0, 'fp64', None),
+    (5, 2, False, 1.0, 'fp64', None),  # invalid codes can be produced without carry-over
+    (5, 2, True, 0.8, 'fp64', None),
+    (5, 2, True, 1.0, 'fp32_hires', None),
+    (5, 2, True, 1.0, 'fp32', None),
+    # K = 3: full rows with visible digits (the filter) and single rows, shuffled codes.
+    (5, 3, True, 1.0, 'fp32_hires', 1),
 ])
-def test_sampler_matches_exact_chain(C, ell, carry_over, nucleus_p, precision):
-  codec = subtokens.Codec(C, ell)
+def test_sampler_matches_exact_chain(C, ell, carry_over, nucleus_p, precision, shuffle):
+  codec = subtokens.Codec(C, ell, shuffle_seed=shuffle)
   L, T, t_min, N = 2, 3, 0.3, 30000
   logits_fn, table = table_model(codec, L, seed=C + ell)
   grid = schedules.sampling_grid(T, t_min)
@@ -235,6 +237,101 @@ def test_condition_is_kept():
                                   np.asarray(tokens)[np.asarray(keep)])
 
 
+# -- compaction ------------------------------------------------------------------------------------
+
+
+def context_model(codec, seed=0):
+  """logits_fn(w, y): every token's logits depend on its own digits and on the mean of the whole
+  sequence's digit embeddings (the model sees every position). w = (embed (K, b+1, C), mix (C,))."""
+  rng = np.random.default_rng(seed)
+  w = (jnp.asarray(rng.normal(size=(codec.ell, codec.base + 1, codec.vocab_size)), jnp.float32),
+       jnp.asarray(rng.normal(size=(codec.vocab_size,)), jnp.float32))
+
+  def fn(w, y):
+    own = sum(w[0][j][y[..., j]] for j in range(codec.ell))
+    return 2.0 * own + jnp.mean(own, axis=-2, keepdims=True) * w[1]
+  return fn, w
+
+
+def split_model(codec, dim=16, seed=0):
+  """The same kind of model as a SplitNetwork: trunk features (B, L, D) and a (D, C) head."""
+  rng = np.random.default_rng(seed)
+  p = dict(embed=jnp.asarray(rng.normal(size=(codec.ell, codec.base + 1, dim)), jnp.float32),
+           kernel=jnp.asarray(rng.normal(size=(dim, codec.vocab_size)), jnp.float32),
+           bias=jnp.asarray(rng.normal(size=(codec.vocab_size,)), jnp.float32))
+
+  def features(p, y):
+    h = sum(p['embed'][j][y[..., j]] for j in range(codec.ell))
+    return jnp.tanh(h + jnp.mean(h, axis=-2, keepdims=True))
+  return samplers.SplitNetwork(features, lambda p: (p['kernel'], p['bias'])), p
+
+
+@pytest.mark.parametrize('C,ell,carry_over,nucleus_p,shuffle', [
+    (50, 1, True, 1.0, None),  # MDLM: argmax noise removal
+    (50, 3, True, 0.9, 1),  # full rows with visible digits, single rows, nucleus, shuffled codes
+    (50, 2, False, 1.0, None),
+])
+def test_compacted_is_bit_identical_to_dense_in_fp64(C, ell, carry_over, nucleus_p, shuffle):
+  """Same key: compacted (default capacities, and a capacity of 1, which forces overflow chunks in
+  every step) and dense give the same tokens, NFE and idle steps, with a prefix kept."""
+  codec = subtokens.Codec(C, ell, shuffle_seed=shuffle)
+  fn, w = context_model(codec)
+  shape, T = (3, 16), 12
+  assert shape[0] * shape[1] * ell / T > 3  # several positions reveal per step: chunks overflow
+  rng = np.random.default_rng(1)
+  keep = np.zeros(shape, bool)
+  keep[0, :4] = True  # one prefix-conditioned row
+  condition = (jnp.asarray(rng.integers(0, C, shape)), jnp.asarray(keep))
+  kw = dict(shape=shape, num_steps=T, precision='fp64', carry_over=carry_over, t_min=0.05,
+            nucleus_p=nucleus_p, condition=condition, params=w)
+  dense = samplers.sample(jax.random.key(4), fn, codec, compact=False, **kw)
+  assert int(dense.nfe) == T - int(dense.idle_steps) + 1  # the final fill had work to do
+  np.testing.assert_array_equal(np.asarray(dense.tokens)[keep], np.asarray(condition[0])[keep])
+  for capacity in (None, 1):
+    out = samplers.sample(jax.random.key(4), fn, codec, compact=True, capacity=capacity, **kw)
+    for a, b in zip(out, dense):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_split_network_compacted_equals_dense():
+  """With a SplitNetwork the head runs only on the gathered rows; tokens still match the dense
+  sampler bit for bit (any capacity), and agree with the same model given as a plain logits_fn
+  (which differs only by the rounding of the head's matmul)."""
+  codec = subtokens.Codec(60, 2)
+  net, p = split_model(codec)
+  kw = dict(shape=(2, 24), num_steps=10, precision='fp64', params=p, t_min=0.05, capacity=2)
+  dense = samplers.sample(jax.random.key(9), net, codec, compact=False, **kw)
+  out = samplers.sample(jax.random.key(9), net, codec, **kw)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(dense.tokens))
+  plain = lambda p, y: (net.features(p, y) @ p['kernel'] + p['bias']).astype(jnp.float32)
+  same = samplers.sample(jax.random.key(9), plain, codec, **kw).tokens
+  assert np.mean(np.asarray(same) == np.asarray(dense.tokens)) > 0.9
+
+
+def test_capacities_follow_the_simulated_counts():
+  """Half the largest expected per-step count of each path, checked against simulated chains (the
+  mask process does not depend on the model); K = 1 in closed form: dt per step."""
+  N, K, T = 4096, 2, 16
+  grid = schedules.sampling_grid(T, 1e-5)
+  q = (grid[:-1] - grid[1:]) / grid[:-1]
+  assert samplers.capacities(q, 1, N) == (int(np.ceil(0.5 * N * (1 - 1e-5) / T / 8) * 8), 8)
+  rng = np.random.default_rng(0)
+  full, single = np.zeros(T), np.zeros(T)
+  runs = 20
+  for _ in range(runs):
+    masked = np.ones((N, K), bool)
+    for k in range(T):
+      reveal = masked & (rng.random((N, K)) < q[k])
+      n_masked = masked.sum(-1)
+      full[k] += np.sum((n_masked >= 2) & reveal.any(-1)) / runs
+      single[k] += np.sum((n_masked == 1) & reveal.any(-1)) / runs
+      masked &= ~reveal
+  cap_full, cap_single = samplers.capacities(q, K, N)
+  for cap, counts in ((cap_full, full), (cap_single, single)):
+    assert abs(2 * cap - counts.max()) < 16 + 5 * np.sqrt(counts.max() / runs), (cap, counts)
+  assert samplers.capacities(q, K, N, single=False)[0] >= cap_full  # every active row is full
+
+
 def test_idle_fraction_matches_closed_form():
   """method.md §6 / 13.14: P(step idle) = (1 - dt)**(L*K) for any model; here L*K = 48, T = 48."""
   codec = subtokens.Codec(50, 2)
@@ -335,31 +432,68 @@ def test_draws_follow_a_long_tailed_distribution():
     assert stats.chisquare(observed, expected).pvalue > 1e-3, precision
 
 
-def test_hires_exponentials_resolve_the_tail_that_naive_fp32_truncates():
-  """The exponential race draws class c iff p_c / E_c is the largest, so classes with p_c / p_max
-  below the smallest E a generator can produce are never drawn. float32 uniforms (2**-23 steps)
-  give E >= 1.19e-7 on a grid; the 64-bit form is continuous down to ~1e-19. Checked on the E < 5e-4
-  region of 2e7 variates (about 1e4 of them), where both forms must put mass 1 - exp(-5e-4)."""
+def test_hires_uniforms_resolve_the_tail_that_float32_uniforms_truncate():
+  """fp32_hires compares u (l + r) < min(l, r) at each tree node, so a decision of probability r is
+  right only if P(u < r) = r down to tiny r. float32 uniforms are a grid of step 2**-23 (so r below
+  ~1e-7 is wrong); the 64-bit form is continuous down to ~1e-19. Checked on the u < 5e-4 region of
+  2e7 variates (about 1e4 of them), where both must put mass 5e-4."""
   n, x = 2 * 10**7, 5e-4
   key = jax.random.key(0, impl='rbg')
 
   @jax.jit
   def small_values(key):
-    naive = 1e-10 - jnp.log(jax.random.uniform(key, (n,), jnp.float32) + 1e-10)
-    hires = samplers._hires_exponential(jax.random.fold_in(key, 1), (n,))
+    naive = jax.random.uniform(key, (n,), jnp.float32)
+    hi, lo = jax.random.bits(jax.random.fold_in(key, 1), (2, n), jnp.uint32)
+    hires = samplers.hires_uniform(hi, lo)
     return (jnp.sort(jnp.where(naive < x, naive, jnp.inf))[:20000],
             jnp.sort(jnp.where(hires < x, hires, jnp.inf))[:20000])
 
   naive, hires = (np.asarray(a) for a in small_values(key))
   naive, hires = naive[np.isfinite(naive)], hires[np.isfinite(hires)]
-  mean = n * -np.expm1(-x)
   for v in (naive, hires):  # both have the right mass in the tail region ...
-    assert abs(len(v) - mean) < 5 * np.sqrt(mean)
-  # ... but the naive one is a coarse grid with a floor, the 64-bit one is continuous.
-  assert naive.min() >= 1.1e-7 and len(np.unique(naive)) <= 4200 < 0.5 * len(naive)
+    assert abs(len(v) - n * x) < 5 * np.sqrt(n * x)
+  # ... but the naive one is a coarse grid, the 64-bit one is continuous.
+  assert len(np.unique(naive)) <= 4200 < 0.5 * len(naive)
   assert len(np.unique(hires)) > 0.99 * len(hires)
   assert stats.kstest(hires / x, 'uniform').pvalue > 1e-3
   assert hires.min() < 1e-7
+
+
+def test_tree_draw_decisions_have_relative_precision_for_any_weight():
+  """Every class is reached with probability prod(decision ratios), and each decision flips exactly
+  at its ratio to relative precision 1e-5, for weights from 1e-30 to 1 (a float32 inverse CDF gives
+  classes below ~6e-8 of the total no mass at all). Path u's are set just below or above the exact
+  float64 ratio min(l, r) / (l + r) of every node on the path to each class."""
+  rng = np.random.default_rng(0)
+  n, depth = 11, 4
+  w = (10.0**rng.uniform(-30, 0, n)).astype(np.float32)
+  w[3] = 0.0  # a zero weight is never drawn
+  leaves = np.zeros(2**depth)
+  leaves[:n] = w.astype(np.float64)
+  levels = [leaves]
+  for _ in range(depth - 1):  # node i of a level of size s has children i and i + s
+    half = len(levels[-1]) // 2
+    levels.append(levels[-1][:half] + levels[-1][half:])
+  for c in range(n):
+    if w[c] == 0:
+      continue
+    for eps in (1e-5, -1e-5):  # -eps: every decision just misses its side: must not reach c
+      u, node, prob = np.zeros(depth), 0, 1.0
+      for i, level in enumerate(reversed(levels)):
+        s = len(level) // 2
+        l, r = level[node], level[node + s]
+        second = (c // s) % 2 == 1
+        ratio = min(l, r) / (l + r)
+        lighter = (second and r < l) or (not second and l <= r)
+        u[i] = ratio * (1 - eps) if lighter else min(1.0, ratio * (1 + eps))
+        prob *= ratio if lighter else 1 - ratio
+        node += s * second
+      got = int(samplers.tree_draw(jnp.asarray(u[None], jnp.float32), jnp.asarray(w[None]))[0])
+      if eps > 0:
+        assert got == c, (c, got)
+        assert prob == pytest.approx(w[c] / w.astype(np.float64).sum(), rel=1e-6)
+      elif 0 < min(ratio, 1 - ratio):
+        assert got != c
 
 
 def test_draw_never_picks_zero_probability_classes():
