@@ -91,6 +91,10 @@ def test_splash_attention_compiles_as_the_tpu_kernel_per_shard():
   train = r['programs']['train']
   assert 'tpu_custom_call' in train['custom_calls'], train['custom_calls']
   assert train['opaque_flops'] > 0 and train['fits']
+  # XLA costs the kernel as nothing: its FLOPs at the chip's peak are added to XLA's estimate.
+  assert train['estimated_s'] == pytest.approx(train['xla_estimated_s'] + train['opaque_flops']
+                                               / compile_lib.CHIPS['v5e'].peak_flops)
+  assert train['xla_uncosted_ops'] >= 2  # the forward and backward kernels at least
 
 
 def test_a_step_that_does_not_fit_exits_3_and_names_the_knobs(tmp_path):
