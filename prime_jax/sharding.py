@@ -126,14 +126,6 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
           for k, v in local.items()}
 
 
-def target_platform() -> str:
-  """The platform a function being traced is compiled for: that of the mesh set by
-  `jax.set_mesh` (TPU when compiling ahead of time for a topology on a CPU machine), else the
-  default backend's."""
-  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
-  return getattr(device, 'platform', None) or jax.default_backend()
-
-
 class OnMesh:
   """A jitted function that is traced, lowered and called with `jax.set_mesh(mesh)` active, so
   that code inside it which needs the mesh (splash attention's per-shard kernel) sees it."""

@@ -32,14 +32,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prime_jax import sharding
 from prime_jax.diffusion import parameterization
 
 NEG_INF = parameterization.NEG_INF
 
 
 def _on_accelerator() -> bool:
-  return sharding.target_platform() in ('tpu', 'gpu', 'cuda', 'rocm')
+  """Whether the step is compiled for a TPU or GPU: the platform of the mesh set by
+  `jax.set_mesh` (TPU devices when compiling ahead of time on a CPU machine), else the default
+  backend's."""
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  platform = getattr(device, 'platform', None) or jax.default_backend()
+  return platform in ('tpu', 'gpu', 'cuda', 'rocm')
 
 
 def _unroll():

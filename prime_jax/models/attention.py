@@ -23,8 +23,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from prime_jax import sharding
-
 IMPLEMENTATIONS = ('xla', 'splash', 'cudnn')
 
 
@@ -70,7 +68,7 @@ class Attention:
       raise ValueError(f'splash attention: the blocks ({bq}, {bkv}) must be multiples of 128 (the '
                        f'TPU lane width) that divide the sequence length {seq}; set '
                        'model.attention_block (and a data.seq_len that is a multiple of 128).')
-    interpret = sharding.target_platform() != 'tpu' if self.interpret is None else self.interpret
+    interpret = _compiled_for() != 'tpu' if self.interpret is None else self.interpret
     mesh = jax.sharding.get_abstract_mesh()
     head_shards = mesh.shape.get('tensor', 1) if not mesh.empty else 1
     if heads % head_shards:
@@ -90,6 +88,13 @@ class Attention:
     spec = jax.sharding.PartitionSpec(batch_axes, None, head_axis, None)
     return jax.shard_map(attend, in_specs=(spec, spec, spec), out_specs=spec,
                          check_vma=False)(q, k, v)
+
+
+def _compiled_for() -> str:
+  """The platform of the mesh set by `jax.set_mesh` (TPU when compiling ahead of time for a
+  topology on a CPU machine), else the default backend's."""
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  return getattr(device, 'platform', None) or jax.default_backend()
 
 
 @functools.lru_cache(maxsize=32)
