@@ -133,17 +133,27 @@ def topology_devices(name: str, num_slices: int = 1):
   if path is None:
     raise ValueError('--mode compile needs libtpu, the TPU compiler: run `make tpu-tools` (it '
                      'installs requirements-tpu.txt into .tpu/), or set TPU_LIBRARY_PATH.')
-  os.environ['TPU_LIBRARY_PATH'] = path
-  # No TPU VM here: no metadata server to ask, and no lock against other compiling processes.
-  for var, value in (('TPU_WORKER_HOSTNAMES', 'localhost'), ('TPU_SKIP_MDS_QUERY', '1'),
-                     ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
-    os.environ.setdefault(var, value)
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   kwargs = {} if chip.chip_config is None else {'chip_config_name': chip.chip_config}
   if num_slices > 1:
     kwargs['num_slices'] = num_slices
-  with _quiet_stderr():
-    desc = topologies.get_topology_desc(platform='tpu', topology_name=topo, **kwargs)
+  # Only while libtpu loads (processes started later must not find it and try it as a backend):
+  # where it is, and, with no TPU VM here, no metadata server to ask and no lock against other
+  # compiling processes.
+  env = {'TPU_LIBRARY_PATH': path, 'TPU_WORKER_HOSTNAMES': 'localhost', 'TPU_SKIP_MDS_QUERY': '1',
+         'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update({k: v if k == 'TPU_LIBRARY_PATH' or saved[k] is None else saved[k]
+                     for k, v in env.items()})
+  try:
+    with _quiet_stderr():
+      desc = topologies.get_topology_desc(platform='tpu', topology_name=topo, **kwargs)
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
   devices = sorted(desc.devices, key=lambda d: (getattr(d, 'slice_index', 0) or 0, d.id))
   return chip, topo, devices
 

@@ -55,7 +55,10 @@ def _tiny(batch: int):
 
 def test_a_tiny_config_compiles_for_v5e_and_its_figures_add_up(tmp_path):
   out = tmp_path / 'compile.json'
+  env_before = dict(os.environ)
   r = compile_lib.report(_tiny(8), 'v5e:2x2', out_path=str(out), echo=False)
+  # Processes started afterwards must not find libtpu (they would try it as a backend).
+  assert dict(os.environ) == env_before
   assert json.loads(out.read_text()) == json.loads(json.dumps(r))
   assert r['chips'] == 4 and r['chip'] == 'v5e' and r['mesh'] == {'data': 4, 'fsdp': 1,
                                                                    'tensor': 1}
